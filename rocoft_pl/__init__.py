@@ -1,0 +1,38 @@
+"""rocoft_pl: RoCoFT (Row-Column Fine-Tuning, arXiv 2410.10075) for PyTorch Lightning.
+
+Import cost matters for the CLI and subprocess tests, so the Lightning callback is imported lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .adapter import adapter_state_dict, load_adapter, save_adapter
+from .config import RoCoFTConfig
+from .inject import RoCoFTReport, apply_rocoft, merge_rocoft, rocoft_layers, rocoft_report
+from .layers import RoCoFTLinear
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RoCoFT":
+        from .callback import RoCoFT
+
+        return RoCoFT
+    raise AttributeError(f"module 'rocoft_pl' has no attribute {name!r}")
+
+
+__all__ = [
+    "RoCoFT",
+    "RoCoFTConfig",
+    "RoCoFTLinear",
+    "RoCoFTReport",
+    "adapter_state_dict",
+    "apply_rocoft",
+    "load_adapter",
+    "merge_rocoft",
+    "rocoft_layers",
+    "rocoft_report",
+    "save_adapter",
+]

@@ -1,0 +1,271 @@
+"""apply_rocoft / merge_rocoft: find targets and heads, swap in RoCoFTLinear, freeze the rest, report.
+
+apply_rocoft validates everything (targets, ranks, calibration, indices) before it touches the model, so a
+failure leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import RoCoFTConfig
+from .layers import RoCoFTLinear, is_supported_base
+from .selection import collect_input_norms, select_indices
+
+# Task heads that are trained fully when modules_to_save is None (matched on the last name segment).
+AUTO_HEADS = ("classifier", "score", "qa_outputs", "classification_head")
+
+
+def rocoft_layers(model: nn.Module) -> dict[str, RoCoFTLinear]:
+    """Every RoCoFTLinear in ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, RoCoFTLinear)}
+
+
+def block_prefixes(model: nn.Module) -> list[str]:
+    """Names of the transformer blocks: the elements of ModuleLists whose elements share one class."""
+    prefixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and not is_supported_base(module[0]):
+                prefixes.extend(f"{name}.{i}" if name else str(i) for i in range(len(module)))
+    return prefixes
+
+
+def _inside(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _matches_suffix(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def find_heads(model: nn.Module, config: RoCoFTConfig) -> dict[str, nn.Module]:
+    """The modules trained fully (the task head): auto-detected or named in ``config.modules_to_save``."""
+    named = dict(model.named_modules())
+    if config.modules_to_save is None:
+        blocks = block_prefixes(model)
+        found = {n: m for n, m in named.items() if n.split(".")[-1] in AUTO_HEADS and not _inside(n, blocks)}
+    else:
+        found = {}
+        for suffix in config.modules_to_save:
+            hits = {n: m for n, m in named.items() if n and _matches_suffix(n, suffix)}
+            if not hits:
+                raise ValueError(f"modules_to_save entry {suffix!r} matches no module of {type(model).__name__}")
+            found.update(hits)
+    # Keep only the outermost of nested matches.
+    return {n: m for n, m in found.items() if not _inside(n, [o for o in found if o != n])}
+
+
+def find_targets(model: nn.Module, config: RoCoFTConfig, heads: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """The nn.Linear / Conv1D modules RoCoFT adapts, in module order."""
+    heads = list(heads)
+    candidates = {
+        n: m for n, m in model.named_modules() if is_supported_base(m) and n and not _inside(n, heads)
+    }
+    if config.targets is None:
+        blocks = block_prefixes(model)
+        chosen = {n: m for n, m in candidates.items() if _inside(n, blocks)}
+        where = "inside the transformer blocks (ModuleList elements)"
+    elif isinstance(config.targets, str):
+        pattern = re.compile(config.targets)
+        chosen = {n: m for n, m in candidates.items() if pattern.fullmatch(n)}
+        where = f"matching the regex {config.targets!r}"
+    else:
+        chosen = {n: m for n, m in candidates.items() if any(_matches_suffix(n, s) for s in config.targets)}
+        where = f"ending in one of {config.targets}"
+    if not chosen:
+        sample = list(candidates)[:8]
+        raise ValueError(
+            f"RoCoFT targets match nothing: no nn.Linear/Conv1D of {type(model).__name__} {where}. "
+            f"Some Linear layers it has: {sample}"
+        )
+    return chosen
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    kind: str
+    out_features: int
+    in_features: int
+    mode: str
+    selected: int
+    trainable: int
+
+
+@dataclass
+class RoCoFTReport:
+    """Parameter counts after apply_rocoft. Percentages are of the base model's parameters."""
+
+    modules: list[ModuleReport] = field(default_factory=list)
+    rocoft_params: int = 0
+    bias_params: int = 0
+    head_params: int = 0
+    other_trainable_params: int = 0
+    base_params: int = 0
+
+    @property
+    def trainable_params(self) -> int:
+        return self.rocoft_params + self.bias_params + self.head_params + self.other_trainable_params
+
+    def percent(self, n: int) -> float:
+        return 100.0 * n / max(self.base_params, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rocoft_params": self.rocoft_params,
+            "bias_params": self.bias_params,
+            "head_params": self.head_params,
+            "other_trainable_params": self.other_trainable_params,
+            "trainable_params": self.trainable_params,
+            "base_params": self.base_params,
+            "trainable_percent": self.percent(self.trainable_params),
+            "modules": [vars(m) for m in self.modules],
+        }
+
+    def __str__(self) -> str:
+        width = max([len(m.name) for m in self.modules] + [6])
+        lines = [f"{'module':<{width}}  kind    shape (out x in)  mode     selected  trainable"]
+        for m in self.modules:
+            shape = f"{m.out_features} x {m.in_features}"
+            lines.append(f"{m.name:<{width}}  {m.kind:<6}  {shape:<16}  {m.mode:<7}  {m.selected:>8}  {m.trainable:>9,}")
+        lines.append("")
+        for label, n in (
+            ("RoCoFT", self.rocoft_params),
+            ("bias", self.bias_params),
+            ("head", self.head_params),
+            ("other", self.other_trainable_params),
+            ("trainable", self.trainable_params),
+        ):
+            if n or label in ("RoCoFT", "trainable"):
+                lines.append(f"{label + ' parameters:':<24}{n:>14,}  ({self.percent(n):.4f}% of {self.base_params:,})")
+        return "\n".join(lines)
+
+
+def rocoft_report(model: nn.Module) -> RoCoFTReport:
+    """Counts derived from the model as it is: deltas, trainable biases of adapted layers, everything else."""
+    layers = rocoft_layers(model)
+    report = RoCoFTReport()
+    bias_ids = set()
+    for name, layer in layers.items():
+        report.modules.append(
+            ModuleReport(
+                name=name,
+                kind="Conv1D" if layer.transposed else "Linear",
+                out_features=layer.out_features,
+                in_features=layer.in_features,
+                mode=layer.mode,
+                selected=layer.indices.numel(),
+                trainable=layer.num_trainable,
+            )
+        )
+        report.rocoft_params += layer.num_trainable
+        if layer.base.bias is not None and layer.base.bias.requires_grad:
+            report.bias_params += layer.base.bias.numel()
+            bias_ids.add(id(layer.base.bias))
+    delta_ids = {id(layer.delta) for layer in layers.values()}
+    head_ids = {id(p) for n, m in model.named_modules() if getattr(m, "_rocoft_head", False) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) in delta_ids:
+            continue
+        report.base_params += p.numel()
+        if p.requires_grad and id(p) not in bias_ids:
+            if id(p) in head_ids:
+                report.head_params += p.numel()
+            else:
+                report.other_trainable_params += p.numel()
+    return report
+
+
+def apply_rocoft(
+    model: nn.Module,
+    config: RoCoFTConfig,
+    calibration: Optional[Iterable[Any]] = None,
+    *,
+    indices: Optional[Mapping[str, torch.Tensor]] = None,
+    forward: Optional[Callable[..., Any]] = None,
+) -> RoCoFTReport:
+    """Adapt ``model`` in place: targets become RoCoFTLinear, heads train fully, everything else freezes.
+
+    ``calibration``: batches for Wanda selection ('max'/'min'/'mixed'), mappings passed as keyword
+    arguments to ``forward`` (default: ``model``) with ``attention_mask`` marking padding.
+    ``indices``: explicit indices per target name (used by load_adapter); overrides ``selection``.
+    """
+    if not isinstance(config, RoCoFTConfig):
+        raise TypeError(f"apply_rocoft expects a RoCoFTConfig, got {type(config).__name__}")
+    if rocoft_layers(model):
+        raise ValueError("model already has RoCoFT layers; use merge_rocoft() first or start from a fresh model")
+    heads = find_heads(model, config)
+    targets = find_targets(model, config, heads)
+    if indices is not None:
+        unknown = set(indices) - set(targets)
+        missing = set(targets) - set(indices)
+        if unknown or missing:
+            raise ValueError(
+                f"stored indices do not fit the model's targets: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unknown)[:5]}"
+            )
+        chosen = {n: torch.as_tensor(indices[n], dtype=torch.long).cpu() for n in targets}
+    else:
+        norms: dict[str, torch.Tensor] = {}
+        if config.needs_calibration:
+            if calibration is None:
+                raise ValueError(
+                    f"selection={config.selection!r} scores weights with real inputs: pass calibration batches"
+                )
+            norms = collect_input_norms(model, targets, calibration, forward)
+        chosen = {
+            n: select_indices(m, n, config.mode, config.rank, config.p, config.selection, config.seed, norms.get(n))
+            for n, m in targets.items()
+        }
+    # Build every new layer before changing anything: a bad index fails here with the model intact.
+    new_layers = {}
+    for name, module in targets.items():
+        try:
+            new_layers[name] = RoCoFTLinear(module, config.mode, chosen[name])
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in new_layers.items():
+        model.set_submodule(name, layer)
+        layer.delta.requires_grad_(True)
+        if config.train_bias and layer.base.bias is not None:
+            layer.base.bias.requires_grad_(True)
+    for head in heads.values():
+        head._rocoft_head = True
+        for p in head.parameters():
+            p.requires_grad_(True)
+    model._rocoft_config = config
+    return rocoft_report(model)
+
+
+def merge_rocoft(model: nn.Module) -> nn.Module:
+    """Fold every delta into its base weight and put the plain layer back (W0[idx] += D). In place.
+
+    The result has no RoCoFT modules, so ``save_pretrained`` works and inference costs nothing extra.
+    Merging is one-way: to get the adapter back, load it onto the base model again.
+    """
+    for name, layer in rocoft_layers(model).items():
+        model.set_submodule(name, layer.merge())
+    return model
+
+
+__all__ = [
+    "AUTO_HEADS",
+    "RoCoFTReport",
+    "apply_rocoft",
+    "block_prefixes",
+    "find_heads",
+    "find_targets",
+    "merge_rocoft",
+    "rocoft_layers",
+    "rocoft_report",
+]

@@ -1,0 +1,151 @@
+"""RoCoFTLinear: a frozen base layer plus a zero-initialised row, column or entries delta.
+
+Why a delta and not the paper's Algorithm 1: concatenating trainable and frozen rows into a weight every
+forward keeps a full-size weight for backward and computes a full-size weight gradient only to slice it.
+Here W0 is never touched during training and autograd only ever sees r x d tensors:
+
+    rows     y = base(x);  y[..., idx] += x @ D.T           D: (r, in)    dL/dD = dL/dW[idx]
+    columns  y = base(x) + x[..., idx] @ D.T                 D: (out, r)   dL/dD = dL/dW[:, idx]
+    entries  y = x @ (W0 + scatter(idx, D)).T + b            D: (nnz,)     full-size cost (ablation only)
+
+"Row" always means an output feature, also for transformers' Conv1D (GPT-2), whose weight is stored
+(in x out): a row there is a column of ``Conv1D.weight``. Weight decay on D pulls the weight toward W0,
+not toward 0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Mode
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D, detected without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear or Conv1D."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return out_features, in_features
+    return module.out_features, module.in_features
+
+
+class RoCoFTLinear(nn.Module):
+    """Wraps an ``nn.Linear`` or ``Conv1D``; only ``delta`` trains, ``indices`` is a persistent buffer.
+
+    ``indices`` are output features (rows), input features (columns) or flat positions in the logical
+    (out x in) weight (entries), sorted ascending.
+    """
+
+    def __init__(self, base: nn.Module, mode: Mode, indices: torch.Tensor) -> None:
+        super().__init__()
+        if not is_supported_base(base):
+            raise TypeError(f"RoCoFTLinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        if mode not in ("row", "column", "entries"):
+            raise ValueError(f"mode must be 'row', 'column' or 'entries', got {mode!r}")
+        out_features, in_features = features(base)
+        indices = torch.as_tensor(indices, dtype=torch.long).flatten().cpu()
+        limit = {"row": out_features, "column": in_features, "entries": out_features * in_features}[mode]
+        if indices.numel() == 0:
+            raise ValueError("RoCoFTLinear needs at least one index")
+        if int(indices.min()) < 0 or int(indices.max()) >= limit:
+            raise ValueError(f"{mode} indices out of range [0, {limit}) for a {out_features}x{in_features} weight")
+        if indices.unique().numel() != indices.numel():
+            raise ValueError(f"{mode} indices must be unique")
+        self.base = base
+        self.mode = mode
+        self.in_features = in_features
+        self.out_features = out_features
+        self.transposed = is_conv1d(base)
+        # A CPU copy survives to_empty() on the meta device; reset_parameters() restores the buffer from it.
+        self._indices_cpu = indices.clone()
+        weight = base.weight
+        self.register_buffer("indices", indices.to(weight.device), persistent=True)
+        self.delta = nn.Parameter(torch.zeros(self._delta_shape(), dtype=weight.dtype, device=weight.device))
+        self.merged = False
+
+    def _delta_shape(self) -> tuple[int, ...]:
+        r = self._indices_cpu.numel()
+        return {"row": (r, self.in_features), "column": (self.out_features, r), "entries": (r,)}[self.mode]
+
+    # Forward through the base's attributes so code that reads `layer.weight.dtype` keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+    def reset_parameters(self) -> None:
+        """Zero delta and restore indices (used after meta-device materialisation)."""
+        with torch.no_grad():
+            self.delta.zero_()
+            self.indices.copy_(self._indices_cpu.to(self.indices.device))
+        self.merged = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "indices"
+        if key in state_dict:
+            self._indices_cpu = state_dict[key].detach().to("cpu", torch.long).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        if self.mode == "row":
+            y = self.base(x)
+            return y.index_add(-1, self.indices, F.linear(x, self.delta).to(y.dtype))
+        if self.mode == "column":
+            y = self.base(x)
+            return y + F.linear(x.index_select(-1, self.indices), self.delta).to(y.dtype)
+        weight = self._logical_weight() + self.delta_weight()
+        return F.linear(x, weight, self.base.bias)
+
+    def _logical_weight(self) -> torch.Tensor:
+        """W0 as (out x in), a view for Conv1D."""
+        return self.base.weight.t() if self.transposed else self.base.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense (out x in) update R, C or the scattered entries (for merging and checks)."""
+        dense = torch.zeros(
+            self.out_features, self.in_features, dtype=self.delta.dtype, device=self.delta.device
+        )
+        if self.mode == "row":
+            return dense.index_copy(0, self.indices, self.delta)
+        if self.mode == "column":
+            return dense.index_copy(1, self.indices, self.delta)
+        return dense.flatten().index_copy(0, self.indices, self.delta).view_as(dense)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """Add the delta into W0 in place and return the plain base layer (zero inference overhead)."""
+        if not self.merged:
+            weight = self._logical_weight()
+            if self.mode == "row":
+                weight.index_add_(0, self.indices, self.delta.to(weight.dtype))
+            elif self.mode == "column":
+                weight.index_add_(1, self.indices, self.delta.to(weight.dtype))
+            else:
+                weight.add_(self.delta_weight().to(weight.dtype))
+            self.merged = True
+        return self.base
+
+    @property
+    def num_trainable(self) -> int:
+        return self.delta.numel()
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.transposed else "Linear"
+        return f"{kind}({self.in_features}->{self.out_features}), mode={self.mode}, trainable={self.num_trainable}"
