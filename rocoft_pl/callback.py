@@ -81,8 +81,9 @@ class RoCoFT(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if rocoft_layers(pl_module) or getattr(pl_module, "_rocoft_deferred", False):
             return  # idempotent: setup runs again for validate / test / predict
+        self._guard_checkpoint_loading(pl_module)
         if self._has_targets(pl_module) or not is_overridden("configure_model", pl_module):
-            self._apply(trainer, pl_module)
+            self._apply(trainer, pl_module, stage)
             return
         # The backbone is built lazily: adapt it right after the module's own configure_model.
         original = pl_module.configure_model
@@ -91,7 +92,7 @@ class RoCoFT(pl.Callback):
         def configure_model_then_rocoft() -> None:
             original()
             if not rocoft_layers(pl_module):
-                self._apply(trainer, pl_module)
+                self._apply(trainer, pl_module, stage)
 
         pl_module.configure_model = configure_model_then_rocoft  # type: ignore[method-assign]
         pl_module._rocoft_deferred = True
@@ -103,14 +104,15 @@ class RoCoFT(pl.Callback):
             return False
         return True
 
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.load_adapter_from is not None:
             self.report = load_adapter(pl_module, self.load_adapter_from)
         else:
             config, calibration, forward = self.config, None, None
             if config.needs_calibration:
-                if trainer.ckpt_path is not None:
-                    # The checkpoint restores the Wanda indices; skip scoring and use placeholders.
+                if stage != "fit":
+                    # Evaluation only: indices come from a checkpoint, or the delta is zero and they do not
+                    # matter. Skip scoring (there may be no training data) and use placeholders.
                     config = RoCoFTConfig(**{**config.to_dict(), "selection": "first"})
                 else:
                     loader = self._train_dataloader(trainer, pl_module)
@@ -160,11 +162,21 @@ class RoCoFT(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("config")
-        if saved is not None and saved != self.config.to_dict():
-            changed = sorted(k for k in saved if saved[k] != self.config.to_dict().get(k))
-            raise ValueError(f"checkpoint was trained with another RoCoFT config; fields differ: {changed}")
+    def _guard_checkpoint_loading(self, pl_module: pl.LightningModule) -> None:
+        """Refuse a checkpoint trained with another RoCoFT config. Lightning calls the module's
+        on_load_checkpoint before loading weights but restores callback state only after, so hook there."""
+        original = pl_module.on_load_checkpoint
+
+        @functools.wraps(original)
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            saved = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("config")
+            current = self.config.to_dict()
+            if saved is not None and saved != current:
+                changed = sorted(k for k in saved if saved[k] != current.get(k))
+                raise ValueError(f"checkpoint was trained with another RoCoFT config; fields differ: {changed}")
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
 
     @property
     def parameter_report(self) -> Optional[RoCoFTReport]:

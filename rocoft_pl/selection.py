@@ -94,7 +94,7 @@ def _valid_tokens(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor
 
 def filter_batch(forward: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
     """Keep only the keys ``forward`` accepts (data loaders often add ids or metadata)."""
-    params = inspect.signature(forward).parameters
+    params = inspect.signature(forward.forward if isinstance(forward, nn.Module) else forward).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return dict(batch)
     return {k: v for k, v in batch.items() if k in params}

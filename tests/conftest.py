@@ -16,3 +16,48 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def tiny_bert_config(**overrides):
+    from transformers import BertConfig
+
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_bert(**overrides):
+    """A 2-layer BERT classifier small enough to train in milliseconds."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config(**overrides)).eval()
+
+
+def tiny_gpt2():
+    """GPT-2 uses transformers' Conv1D, whose weight is stored (in x out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def batch(n=4, seq=10, vocab=64, pad_last=3):
+    """Token ids with the last ``pad_last`` positions of every other row padded."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, vocab, (n, seq), generator=g)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    mask[::2, seq - pad_last:] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(n) % 2}

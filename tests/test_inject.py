@@ -1,0 +1,181 @@
+"""apply_rocoft / merge_rocoft on real transformers architectures (tiny configs), and the paper's counts."""
+
+import pytest
+import torch
+from conftest import batch, tiny_bert, tiny_gpt2
+from transformers import RobertaConfig, RobertaForSequenceClassification
+
+from rocoft_pl import RoCoFTConfig, RoCoFTLinear, apply_rocoft, merge_rocoft, rocoft_layers
+
+
+def roberta_on_meta(**kw):
+    with torch.device("meta"):
+        return RobertaForSequenceClassification(RobertaConfig(**kw))
+
+
+LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+
+
+@pytest.mark.parametrize(
+    "size,mode,rank,expected",
+    [
+        ({}, "row", 1, 82_944),
+        ({}, "row", 3, 248_832),
+        ({}, "column", 1, 82_944),
+        ({}, "column", 3, 248_832),
+        (LARGE, "row", 1, 221_184),
+        (LARGE, "row", 3, 663_552),
+        (LARGE, "column", 3, 663_552),
+    ],
+)
+def test_paper_parameter_counts(size, mode, rank, expected):
+    model = roberta_on_meta(**size)
+    report = apply_rocoft(model, RoCoFTConfig(mode=mode, rank=rank))
+    assert report.rocoft_params == expected
+    assert len(report.modules) == 6 * model.config.num_hidden_layers
+    # The head trains fully and is counted separately, never as RoCoFT parameters.
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert report.head_params == head
+    assert report.trainable_params == expected + head
+    assert "RoCoFT parameters:" in str(report) and f"{expected:,}" in str(report)
+
+
+def test_default_targets_exclude_embeddings_pooler_and_head():
+    model = tiny_bert()
+    apply_rocoft(model, RoCoFTConfig(rank=1))
+    names = set(rocoft_layers(model))
+    assert all(".encoder.layer." in n for n in names)
+    assert len(names) == 12
+    assert not isinstance(model.bert.pooler.dense, RoCoFTLinear)
+
+
+def test_zero_delta_model_matches_the_reference_model_exactly():
+    ref, model = tiny_bert(), tiny_bert()
+    apply_rocoft(model, RoCoFTConfig(mode="column", rank=2))
+    b = batch()
+    torch.testing.assert_close(model(**b).logits, ref(**b).logits, rtol=0, atol=0)
+
+
+def test_freezing_and_trainable_set():
+    model = tiny_bert()
+    report = apply_rocoft(model, RoCoFTConfig(rank=2, train_bias=True))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith((".delta", ".base.bias")) or n.startswith("classifier.") for n in trainable)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == report.trainable_params
+    assert report.bias_params == sum(l.base.bias.numel() for l in rocoft_layers(model).values())
+
+
+def test_gpt2_conv1d_rows_are_output_features_and_lm_head_stays_frozen():
+    model = tiny_gpt2()
+    report = apply_rocoft(model, RoCoFTConfig(mode="row", rank=2))
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, RoCoFTLinear) and layer.transposed
+    assert (layer.out_features, layer.in_features) == (48, 16)
+    assert layer.delta.shape == (2, 16)
+    assert report.head_params == 0
+    assert not model.lm_head.weight.requires_grad
+
+
+def test_suffix_and_regex_targets():
+    model = tiny_bert()
+    apply_rocoft(model, RoCoFTConfig(targets=["query", "value"], rank=1))
+    assert sorted({n.rsplit(".", 1)[1] for n in rocoft_layers(model)}) == ["query", "value"]
+    model = tiny_bert()
+    apply_rocoft(model, RoCoFTConfig(targets=r".*layer\.1\..*dense", rank=1))
+    assert set(rocoft_layers(model)) == {
+        "bert.encoder.layer.1.attention.output.dense",
+        "bert.encoder.layer.1.intermediate.dense",
+        "bert.encoder.layer.1.output.dense",
+    }
+
+
+def test_explicit_modules_to_save_and_no_head():
+    model = tiny_gpt2()
+    report = apply_rocoft(model, RoCoFTConfig(rank=1, modules_to_save=["lm_head"]))
+    assert report.head_params == model.lm_head.weight.numel()
+    model = tiny_bert()
+    report = apply_rocoft(model, RoCoFTConfig(rank=1, modules_to_save=[]))
+    assert report.head_params == 0 and not model.classifier.weight.requires_grad
+
+
+def snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        [type(m) for m in model.modules()],
+    )
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (RoCoFTConfig(targets=["nothing_here"]), "match nothing"),
+        (RoCoFTConfig(rank=17), "exceeds"),
+        (RoCoFTConfig(mode="column", rank=25), "exceeds"),
+        (RoCoFTConfig(selection="max"), "calibration"),
+        (RoCoFTConfig(modules_to_save=["no_such_head"]), "modules_to_save"),
+    ],
+)
+def test_bad_requests_raise_and_leave_the_model_unchanged(config, match):
+    model = tiny_bert()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        apply_rocoft(model, config)
+    after = snapshot(model)
+    assert before[1] == after[1] and before[2] == after[2]
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+
+
+def test_applying_twice_is_refused():
+    model = tiny_bert()
+    apply_rocoft(model, RoCoFTConfig(rank=1))
+    with pytest.raises(ValueError, match="already has RoCoFT"):
+        apply_rocoft(model, RoCoFTConfig(rank=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(mode="diagonal"), "mode"),
+        (dict(rank=0), "rank"),
+        (dict(rank=1.5), "rank"),
+        (dict(p=0.0), "p must"),
+        (dict(p=1.5), "p must"),
+        (dict(selection="best"), "selection"),
+        (dict(mode="entries", selection="first"), "entries"),
+        (dict(targets="(unclosed"), "regex"),
+        (dict(targets=[]), "targets"),
+        (dict(modules_to_save="classifier"), "modules_to_save"),
+        (dict(train_bias="yes"), "train_bias"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RoCoFTConfig(**kwargs)
+
+
+@pytest.mark.parametrize("model_fn", [tiny_bert, tiny_gpt2])
+@pytest.mark.parametrize("mode", ["row", "column", "entries"])
+def test_merge_equals_unmerged_and_save_pretrained_round_trips(tmp_path, model_fn, mode):
+    model = model_fn()
+    cfg = RoCoFTConfig(mode=mode, rank=2, selection="random" if mode == "entries" else "first", p=0.2)
+    apply_rocoft(model, cfg)
+    with torch.no_grad():
+        for layer in rocoft_layers(model).values():
+            layer.delta.normal_(std=0.1)
+    b = batch()
+    b = {k: v for k, v in b.items() if k != "labels"}
+    before = model(**b).logits
+    merge_rocoft(model)
+    assert not rocoft_layers(model)
+    torch.testing.assert_close(model(**b).logits, before, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(**b).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_entries_mode_counts_about_p_of_each_matrix():
+    model = tiny_bert()
+    report = apply_rocoft(model, RoCoFTConfig(mode="entries", selection="random", p=0.25))
+    total = sum(l.out_features * l.in_features for l in rocoft_layers(model).values())
+    assert 0.2 < report.rocoft_params / total < 0.3

@@ -1,0 +1,165 @@
+"""RoCoFTLinear numerics against the dense reference W0 + R / W0 + C, gradients, merge, meta device."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from rocoft_pl.layers import RoCoFTLinear
+
+OUT, IN = 7, 5
+
+
+def make_base(kind: str, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT) if kind == "linear" else Conv1D(OUT, IN)
+    if kind == "conv1d":
+        nn.init.normal_(base.weight)
+        nn.init.normal_(base.bias)
+    return base.to(dtype)
+
+
+def logical_weight(base: nn.Module) -> torch.Tensor:
+    return base.weight.t() if isinstance(base, Conv1D) else base.weight
+
+
+def layer_with_random_delta(kind, mode, idx, dtype=torch.float32):
+    base = make_base(kind, dtype)
+    layer = RoCoFTLinear(base, mode, torch.tensor(idx))
+    with torch.no_grad():
+        layer.delta.normal_()
+    return layer
+
+
+CASES = [("row", [1, 4, 6]), ("column", [0, 3]), ("entries", [0, 9, 17, 34])]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mode,idx", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_forward_matches_dense_reference(kind, mode, idx, dtype, tol):
+    layer = layer_with_random_delta(kind, mode, idx, dtype)
+    x = torch.randn(3, 4, IN).to(dtype)
+    dense = logical_weight(layer.base).float() + layer.delta_weight().float()
+    expected = F.linear(x.float(), dense, layer.base.bias.float())
+    torch.testing.assert_close(layer(x).float(), expected, rtol=tol, atol=tol)
+    assert layer(x).dtype == dtype
+    # The dense delta is non-zero exactly on the selected rows / columns / entries.
+    nz = layer.delta_weight().ne(0)
+    if mode == "row":
+        assert nz.any(1).nonzero().flatten().tolist() == idx
+    elif mode == "column":
+        assert nz.any(0).nonzero().flatten().tolist() == idx
+    else:
+        assert nz.flatten().nonzero().flatten().tolist() == idx
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mode,idx", CASES)
+def test_delta_gradient_equals_masked_full_weight_gradient(kind, mode, idx):
+    layer = layer_with_random_delta(kind, mode, idx)
+    layer.base.requires_grad_(False)
+    x = torch.randn(6, IN)
+    target = torch.randn(6, OUT)
+    F.mse_loss(layer(x), target).backward()
+
+    w = (logical_weight(layer.base) + layer.delta_weight()).detach().requires_grad_(True)
+    F.mse_loss(F.linear(x, w, layer.base.bias), target).backward()
+    full = w.grad
+    if mode == "row":
+        expected = full[idx]
+    elif mode == "column":
+        expected = full[:, idx]
+    else:
+        expected = full.flatten()[idx]
+    torch.testing.assert_close(layer.delta.grad, expected)
+    assert layer.base.weight.grad is None  # no full-size weight gradient
+
+
+@pytest.mark.parametrize("mode", ["row", "column"])
+def test_no_full_size_weight_saved_or_materialised(mode):
+    """Row/column backward keeps no (out x in) tensor except the frozen W0 itself."""
+    layer = layer_with_random_delta("linear", mode, [2, 3])
+    layer.base.requires_grad_(False)
+    x = torch.randn(4, IN, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    w_ptr = layer.base.weight.untyped_storage().data_ptr()
+    full_size = [t for t in saved if t.shape == (OUT, IN) and t.untyped_storage().data_ptr() != w_ptr]
+    assert full_size == []
+    y.sum().backward()
+    assert layer.base.weight.grad is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mode,idx", CASES)
+def test_adamw_with_weight_decay_changes_only_selected_weights(kind, mode, idx):
+    layer = RoCoFTLinear(make_base(kind), mode, torch.tensor(idx))
+    layer.base.requires_grad_(False)
+    w0 = logical_weight(layer.base).detach().clone()
+    opt = torch.optim.AdamW([layer.delta], lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        layer(torch.randn(8, IN)).pow(2).mean().backward()
+        opt.step()
+    assert torch.equal(logical_weight(layer.base), w0)  # W0 untouched during training
+    merged = logical_weight(layer.merge()).detach().contiguous()
+    changed = merged.ne(w0)
+    selected = torch.zeros_like(changed)
+    if mode == "row":
+        selected[idx] = True
+    elif mode == "column":
+        selected[:, idx] = True
+    else:
+        selected.view(-1)[idx] = True
+    assert changed[selected].all()
+    assert torch.equal(merged[~selected], w0[~selected])  # bit-identical elsewhere
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mode,idx", CASES)
+def test_merge_matches_unmerged_output(kind, mode, idx):
+    layer = layer_with_random_delta(kind, mode, idx)
+    x = torch.randn(2, 3, IN)
+    before = layer(x)
+    base = layer.merge()
+    assert type(base) in (nn.Linear, Conv1D)
+    torch.testing.assert_close(base(x), before)
+    torch.testing.assert_close(layer(x), before)  # a merged wrapper no longer adds the delta twice
+
+
+def test_meta_device_init_then_materialise_restores_indices():
+    with torch.device("meta"):
+        base = nn.Linear(IN, OUT)
+    layer = RoCoFTLinear(base, "row", torch.tensor([0, 5]))
+    assert layer.delta.is_meta and layer.indices.is_meta
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    base.reset_parameters()
+    assert layer.indices.tolist() == [0, 5]
+    assert torch.equal(layer.delta, torch.zeros(2, IN))
+
+
+def test_indices_buffer_is_persistent_and_restored_by_state_dict():
+    a = layer_with_random_delta("linear", "column", [1, 2])
+    b = RoCoFTLinear(make_base("linear"), "column", torch.tensor([0, 4]))
+    b.load_state_dict(a.state_dict())
+    assert b.indices.tolist() == [1, 2]
+    x = torch.randn(3, IN)
+    torch.testing.assert_close(b(x), a(x))
+
+
+@pytest.mark.parametrize(
+    "mode,idx,match",
+    [("row", [7], "out of range"), ("column", [5], "out of range"), ("row", [1, 1], "unique"), ("diag", [0], "mode")],
+)
+def test_bad_indices_are_rejected(mode, idx, match):
+    with pytest.raises(ValueError, match=match):
+        RoCoFTLinear(make_base("linear"), mode, torch.tensor(idx))
+
+
+def test_rejects_unsupported_module():
+    with pytest.raises(TypeError, match="nn.Linear or transformers Conv1D"):
+        RoCoFTLinear(nn.Conv2d(1, 1, 1), "row", torch.tensor([0]))
