@@ -1,0 +1,142 @@
+"""One grid cell in its own process: `python -m benchmark.cell CELL.json RESULT.json`.
+
+Builds the LightningModule, DataModule and Trainer from the cell's LightningCLI config, adds the method's
+callback, fits, validates, and writes the result record (metrics, parameter counts, time, memory,
+adapter size). The runner records failures from the exit code and the log, so this file only succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from .methods import counts_of, method_callback
+
+
+class Meter(pl.Callback):
+    """Training wall time without validation, batches seen, and peak memory."""
+
+    def __init__(self) -> None:
+        self.train_s = 0.0
+        self.batches = 0
+        self._epoch_start = 0.0
+        self._val_s = 0.0
+        self._val_start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start, self._val_s = time.perf_counter(), 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_s += time.perf_counter() - self._val_start
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.batches += 1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.train_s += time.perf_counter() - self._epoch_start - self._val_s
+
+    @staticmethod
+    def peak_memory() -> tuple[int, str]:
+        if torch.cuda.is_available():
+            return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
+
+
+def cli_class() -> type:
+    """The project's LightningCLI (with its argument links) when present, else Lightning's."""
+    try:
+        from rocoft_pl.cli import RoCoFTCLI
+
+        return RoCoFTCLI
+    except ImportError:
+        from lightning.pytorch.cli import LightningCLI
+
+        return LightningCLI
+
+
+def _adapter_bytes(callback: pl.Callback, pl_module: pl.LightningModule, out_dir: Path) -> int:
+    from rocoft_pl import RoCoFT, save_adapter
+
+    if isinstance(callback, RoCoFT):
+        path = save_adapter(pl_module, out_dir / "adapter")
+        return sum(f.stat().st_size for f in path.iterdir())
+    # Other methods: the bytes of their trainable tensors (what a PEFT-style adapter file holds).
+    return sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("rocoft-pl", "torch", "lightning", "transformers", "peft", "datasets"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_cell(cell: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    method = method_callback(cell["method"], **cell["method_params"])
+    meter = Meter()
+    cli = cli_class()(
+        args=cell["config"],
+        run=False,
+        trainer_defaults={"callbacks": [method, meter], "default_root_dir": str(out_dir)},
+        save_config_callback=None,
+    )
+    trainer, module = cli.trainer, cli.model
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=cli.datamodule)
+    metrics: dict[str, float] = {}
+    for d in trainer.validate(module, datamodule=cli.datamodule, verbose=False):
+        metrics.update({k.split("/dataloader_idx")[0]: float(v) for k, v in d.items()})
+    counts = counts_of(method, module)
+    batches_per_epoch = trainer.num_training_batches
+    per_epoch = meter.train_s * batches_per_epoch / meter.batches if meter.batches and batches_per_epoch not in (0, float("inf")) else None
+    memory, memory_kind = meter.peak_memory()
+    return {
+        **{k: cell[k] for k in ("cell_id", "model", "task", "method", "method_label", "method_params", "seed", "config_hash", "primary_metrics")},
+        "status": "ok",
+        "error": None,
+        "metrics": metrics,
+        "adapter_params": counts.adapter_params,
+        "head_params": counts.head_params,
+        "trainable_params": counts.trainable_params,
+        "total_params": counts.total_params,
+        "train_time_s": meter.train_s,
+        "train_batches": meter.batches,
+        "train_time_per_epoch_s": per_epoch,
+        "peak_memory_bytes": memory,
+        "memory_kind": memory_kind,
+        "adapter_bytes": _adapter_bytes(method, module, out_dir),
+        "fit_validate_s": time.perf_counter() - started,
+        "versions": _versions(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m benchmark.cell CELL.json RESULT.json")
+    cell_path, result_path = Path(argv[0]), Path(argv[1])
+    cell = json.loads(cell_path.read_text())
+    record = run_cell(cell, result_path.parent)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp.replace(result_path)
+
+
+if __name__ == "__main__":
+    main()

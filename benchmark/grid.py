@@ -1,0 +1,142 @@
+"""Grid specs: models x tasks x methods x seeds, each cell a complete LightningCLI config.
+
+A grid YAML:
+
+    name: demo
+    base_config: configs/demo/base.yaml     # a LightningCLI config (model, data, trainer), no method
+    seeds: [0, 1]
+    overrides: {trainer.max_steps: 200}     # dotted keys into the config, for every cell
+    models:  {minilm: {overrides: {}}}
+    tasks:   {tweets: {overrides: {}, primary_metrics: [val/accuracy]}}
+    methods:
+      full:          {method: full, overrides: {model.init_args.learning_rate: 1.0e-4}}
+      rocoft-row-r3: {method: rocoft-row, params: {rank: 3}, label: RoCoFT 3-Row}
+    timeout_s: 1800                         # per cell
+
+Relative paths (base_config, results) are relative to the grid file's directory's project root, i.e.
+the current working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .methods import METHODS
+
+GRID_KEYS = {"name", "base_config", "results", "seeds", "overrides", "models", "tasks", "methods", "timeout_s"}
+
+
+@dataclass
+class Cell:
+    """One run: its id, the full LightningCLI config, and what the results store needs to know."""
+
+    cell_id: str
+    model: str
+    task: str
+    method: str
+    method_label: str
+    method_params: dict[str, Any]
+    seed: int
+    config: dict[str, Any]
+    primary_metrics: list[str] = field(default_factory=list)
+    timeout_s: float = 3600.0
+
+    @property
+    def config_hash(self) -> str:
+        payload = json.dumps([self.config, self.method, self.method_params], sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "config_hash": self.config_hash}
+
+
+@dataclass
+class Grid:
+    name: str
+    results: Path
+    cells: list[Cell]
+
+
+def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    """config['a']['b']['c'] = value for key 'a.b.c', creating dicts on the way."""
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _section(spec: dict[str, Any], key: str, where: str) -> dict[str, dict[str, Any]]:
+    value = spec.get(key)
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{where}: '{key}' must be a non-empty mapping of name -> settings")
+    return {str(k): (v or {}) for k, v in value.items()}
+
+
+def load_grid(path: Union[str, Path]) -> Grid:
+    """Parse and validate a grid YAML into cells; every error names the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a grid is a mapping, see benchmark/grid.py")
+    unknown = set(spec) - GRID_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown grid keys {sorted(unknown)}; known: {sorted(GRID_KEYS)}")
+    name = str(spec.get("name") or path.stem)
+    base_path = spec.get("base_config")
+    base: dict[str, Any] = {}
+    if base_path:
+        if not Path(base_path).is_file():
+            raise FileNotFoundError(f"{path}: base_config {base_path} not found")
+        base = yaml.safe_load(Path(base_path).read_text()) or {}
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers")
+    models = _section(spec, "models", str(path))
+    tasks = _section(spec, "tasks", str(path))
+    methods = _section(spec, "methods", str(path))
+    for label, m in methods.items():
+        if m.get("method") not in METHODS:
+            raise ValueError(f"{path}: methods.{label}.method must be one of {METHODS}, got {m.get('method')!r}")
+    timeout = float(spec.get("timeout_s", 3600))
+
+    cells = []
+    for model_name, model_spec in models.items():
+        for task_name, task_spec in tasks.items():
+            for label, m in methods.items():
+                for seed in seeds:
+                    config = copy.deepcopy(base)
+                    for overrides in (spec.get("overrides"), model_spec.get("overrides"), task_spec.get("overrides"), m.get("overrides")):
+                        for key, value in (overrides or {}).items():
+                            set_dotted(config, key, value)
+                    config["seed_everything"] = seed
+                    cells.append(
+                        Cell(
+                            cell_id=f"{model_name}|{task_name}|{label}|seed={seed}",
+                            model=model_name,
+                            task=task_name,
+                            method=m["method"],
+                            method_label=str(m.get("label", label)),
+                            method_params=dict(m.get("params") or {}),
+                            seed=seed,
+                            config=config,
+                            primary_metrics=list(task_spec.get("primary_metrics") or []),
+                            timeout_s=float(m.get("timeout_s", timeout)),
+                        )
+                    )
+    results = Path(spec.get("results") or f"runs/bench/{name}/results.jsonl")
+    return Grid(name=name, results=results, cells=cells)

@@ -1,0 +1,70 @@
+"""The benchmark's method registry: every method trains a tiny model and counts parameters the same way."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import tiny_bert
+from torch.utils.data import DataLoader
+
+from benchmark.methods import METHODS, counts_of, method_callback, target_suffixes
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_bert()
+
+    def training_step(self, batch, _):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(1, 64, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long), "labels": torch.tensor(i % 2)} for i in range(8)]
+    return DataLoader(rows, batch_size=4)
+
+
+HEAD = 16 * 2 + 2  # tiny_bert's classifier: hidden 16 -> 2 labels
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_counts_head_separately(method):
+    params = {"rank": 1} if method in ("rocoft-row", "rocoft-column") else {}
+    module, cb = Classifier(), method_callback(method, **params)
+    pl.Trainer(max_steps=2, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, accelerator="cpu").fit(module, data())
+    counts = counts_of(cb, module)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert counts.trainable_params == trainable
+    assert counts.head_params == HEAD
+    assert counts.adapter_params > 0
+
+
+def test_counts_are_the_methods_own():
+    counts = {}
+    for method, params in [("rocoft-row", {"rank": 1}), ("bitfit", {}), ("full", {}), ("lora", {"r": 8})]:
+        module, cb = Classifier(), method_callback(method, **params)
+        cb.setup(pl.Trainer(max_steps=1, logger=False), module, "fit")
+        counts[method] = counts_of(cb, module).adapter_params
+    # RoCoFT 1-row: in_features per matrix; 2 layers x (4 x 16 + 16 + 24).
+    assert counts["rocoft-row"] == 2 * (4 * 16 + 16 + 24)
+    biases = sum(p.numel() for n, p in tiny_bert().named_parameters() if n.endswith("bias") and not n.startswith("classifier"))
+    assert counts["bitfit"] == biases
+    assert counts["full"] == sum(p.numel() for n, p in tiny_bert().named_parameters() if not n.startswith("classifier"))
+    # LoRA r=8 on the same 12 matrices: r * (in + out) each.
+    assert counts["lora"] == 2 * 8 * (4 * (16 + 16) + (16 + 24) + (24 + 16))
+
+
+def test_peft_targets_are_rocofts_targets():
+    assert target_suffixes(tiny_bert()) == [
+        "attention.self.query", "attention.self.key", "attention.self.value",
+        "attention.output.dense", "intermediate.dense", "output.dense",
+    ]
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        method_callback("dora")
