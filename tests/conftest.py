@@ -61,3 +61,45 @@ def batch(n=4, seq=10, vocab=64, pad_last=3):
     mask[::2, seq - pad_last:] = 0
     ids[mask == 0] = 0
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(n) % 2}
+
+
+def tiny_loader(n=16, bs=4):
+    """Deterministic classification batches for tiny_bert."""
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(1, 64, (10,), generator=g), "attention_mask": torch.ones(10, dtype=torch.long), "labels": torch.tensor(i % 2)}
+        for i in range(n)
+    ]
+    return DataLoader(rows, batch_size=bs)
+
+
+def _tiny_classifier_class():
+    import lightning.pytorch as pl
+
+    class TinyClassifier(pl.LightningModule):
+        """A plain LightningModule around tiny_bert, as a user would write one."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_bert()
+
+        def training_step(self, batch, _):
+            return self.model(**batch).loss
+
+        def validation_step(self, batch, _):
+            self.log("val_loss", self.model(**batch).loss)
+
+        test_step = validation_step
+
+        def predict_step(self, batch, _):
+            return self.model(**batch).logits
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    return TinyClassifier
+
+
+TinyClassifier = _tiny_classifier_class()

@@ -3,39 +3,13 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_bert
-from torch.utils.data import DataLoader
+from conftest import TinyClassifier, tiny_bert, tiny_loader
 
 from rocoft_pl import RoCoFT, load_adapter, rocoft_layers
 
 
-def loader(n=16, bs=4):
-    g = torch.Generator().manual_seed(0)
-    rows = [
-        {"input_ids": torch.randint(1, 64, (10,), generator=g), "attention_mask": torch.ones(10, dtype=torch.long), "labels": torch.tensor(i % 2)}
-        for i in range(n)
-    ]
-    return DataLoader(rows, batch_size=bs)
-
-
-class Classifier(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = tiny_bert()
-
-    def training_step(self, batch, _):
-        return self.model(**batch).loss
-
-    def validation_step(self, batch, _):
-        self.log("val_loss", self.model(**batch).loss)
-
-    test_step = validation_step
-
-    def predict_step(self, batch, _):
-        return self.model(**batch).logits
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+Classifier = TinyClassifier
+loader = tiny_loader
 
 
 class LazyClassifier(Classifier):

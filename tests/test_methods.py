@@ -3,28 +3,13 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_bert
-from torch.utils.data import DataLoader
+from conftest import TinyClassifier, tiny_bert, tiny_loader
 
 from benchmark.methods import METHODS, counts_of, method_callback, target_suffixes
 
 
-class Classifier(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = tiny_bert()
-
-    def training_step(self, batch, _):
-        return self.model(**batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
-
-def data():
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(1, 64, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long), "labels": torch.tensor(i % 2)} for i in range(8)]
-    return DataLoader(rows, batch_size=4)
+Classifier = TinyClassifier
+data = tiny_loader
 
 
 HEAD = 16 * 2 + 2  # tiny_bert's classifier: hidden 16 -> 2 labels
