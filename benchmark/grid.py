@@ -11,6 +11,7 @@ A grid YAML:
     methods:
       full:          {method: full, overrides: {model.init_args.learning_rate: 1.0e-4}}
       rocoft-row-r3: {method: rocoft-row, params: {rank: 3}, label: RoCoFT 3-Row}
+      lora-r8:       {method: lora, params: {r: 8}, seeds: [0]}   # a method may narrow the seeds
     timeout_s: 1800                         # per cell
 
 Relative paths (base_config, results) are relative to the grid file's directory's project root, i.e.
@@ -118,7 +119,10 @@ def load_grid(path: Union[str, Path]) -> Grid:
     for model_name, model_spec in models.items():
         for task_name, task_spec in tasks.items():
             for label, m in methods.items():
-                for seed in seeds:
+                method_seeds = m.get("seeds", seeds)
+                if not isinstance(method_seeds, list) or not all(isinstance(s, int) for s in method_seeds):
+                    raise ValueError(f"{path}: methods.{label}.seeds must be a list of integers")
+                for seed in method_seeds:
                     config = copy.deepcopy(base)
                     for overrides in (spec.get("overrides"), model_spec.get("overrides"), task_spec.get("overrides"), m.get("overrides")):
                         for key, value in (overrides or {}).items():

@@ -48,6 +48,15 @@ def _is_hf_model(module: nn.Module) -> bool:
     return hasattr(module, "config") and hasattr(module, "save_pretrained")
 
 
+def architecture(model: nn.Module) -> str:
+    """The model's class name as the user wrote it: FSDP2's fully_shard swaps in a subclass named
+    FSDP<Name> (bases FSDPModule, <Name>), which must not leak into the adapter."""
+    for cls in type(model).__mro__:
+        if not any(base.__name__ == "FSDPModule" for base in cls.__mro__):
+            return cls.__name__
+    return type(model).__name__
+
+
 def hf_model_in(module: nn.Module) -> nn.Module:
     """The outermost Hugging Face model inside ``module`` (e.g. a LightningModule), else ``module``."""
     return next((m for m in module.modules() if _is_hf_model(m)), module)
@@ -100,7 +109,7 @@ def adapter_metadata(model: nn.Module, config: RoCoFTConfig) -> dict[str, Any]:
         "config": config.to_dict(),
         "base_model": {
             "name_or_path": getattr(hf_config, "name_or_path", None) or getattr(hf_config, "_name_or_path", None),
-            "architecture": type(model).__name__,
+            "architecture": architecture(model),
             "model_type": getattr(hf_config, "model_type", None),
         },
         "targets": {
@@ -194,8 +203,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> RoCoFTRepor
     _check_keys(metadata, tensors, path)
     backbone = _backbone_for_load(model, metadata)
     arch = metadata["base_model"]["architecture"]
-    if arch and type(backbone).__name__ != arch:
-        raise ValueError(f"adapter at {path} was trained on {arch}, not on {type(backbone).__name__}")
+    if arch and architecture(backbone) != arch:
+        raise ValueError(f"adapter at {path} was trained on {arch}, not on {architecture(backbone)}")
 
     modules = dict(backbone.named_modules())
     params = dict(backbone.named_parameters(remove_duplicate=False))

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from .adapter import adapter_metadata, adapter_state_dict, config_of, hf_model_in, load_adapter, write_adapter
-from .config import RoCoFTConfig
+from .config import Mode, RoCoFTConfig, Selection
 from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, rocoft_layers
 
 
@@ -43,11 +44,11 @@ class RoCoFT(pl.Callback):
 
     def __init__(
         self,
-        mode: str = "row",
+        mode: Mode = "row",
         rank: int = 3,
         p: float = 0.1,
         targets: Optional[Union[list[str], str]] = None,
-        selection: str = "first",
+        selection: Selection = "first",
         seed: int = 0,
         train_bias: bool = False,
         modules_to_save: Optional[list[str]] = None,
@@ -105,6 +106,7 @@ class RoCoFT(pl.Callback):
         return True
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _refuse_sharded(pl_module)
         if self.load_adapter_from is not None:
             self.report = load_adapter(pl_module, self.load_adapter_from)
         else:
@@ -119,6 +121,8 @@ class RoCoFT(pl.Callback):
                     calibration = itertools.islice(loader, self.calibration_batches)
                     forward = hf_model_in(pl_module)
             self.report = apply_rocoft(pl_module, config, calibration, forward=forward)
+            if calibration is not None:
+                _use_rank_zero_indices(trainer, pl_module)
             pl_module._rocoft_config = self.config  # the placeholder selection above is not what we trained
         if self.adapter_only_checkpoint:
             pl_module.strict_loading = False
@@ -181,6 +185,37 @@ class RoCoFT(pl.Callback):
     @property
     def parameter_report(self) -> Optional[RoCoFTReport]:
         return self.report
+
+
+def _use_rank_zero_indices(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Wanda scores the batches each rank sees (with a DistributedSampler or per-rank data they differ), so
+    ranks may choose different rows. DDP happens to broadcast buffers from rank 0; FSDP2 does not, and every
+    rank would train other rows under one reduced gradient. Take rank 0's choice everywhere (a collective)."""
+    if trainer.world_size <= 1:
+        return
+    layers = rocoft_layers(pl_module)
+    chosen = trainer.strategy.broadcast({n: layer.indices.cpu() for n, layer in layers.items()}, src=0)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.indices.copy_(chosen[name].to(layer.indices.device))
+            layer._indices_cpu = chosen[name].clone()
+
+
+def _refuse_sharded(pl_module: pl.LightningModule) -> None:
+    """RoCoFT must replace the Linear layers before FSDP2 / tensor parallelism shards them. Adapting already
+    sharded layers would give every rank its own unsynchronised plain-tensor delta: training "works" but
+    the ranks silently diverge. This happens when configure_model both builds and shards the backbone."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return
+    if any(isinstance(p, DTensor) for p in pl_module.parameters()):
+        raise RuntimeError(
+            "RoCoFT: the model's parameters are already sharded (DTensor, e.g. fully_shard in configure_model) "
+            "before RoCoFT could adapt them. Build the backbone in the LightningModule's __init__ so the RoCoFT "
+            "callback adapts it in setup(), before configure_model shards it; or call rocoft_pl.apply_rocoft "
+            "in configure_model before fully_shard."
+        )
 
 
 __all__ = ["RoCoFT"]

@@ -1,0 +1,491 @@
+"""`rocoft-bench efficiency`: what RoCoFT costs per training step, in memory, on disk and at inference.
+
+One process, one fixed batch, every method built from the same initial weights and timed interleaved
+(each repeat runs every method once, in a rotated order), so that drift of the machine (frequency, other
+load, allocator state) hits all methods alike. Methods:
+
+    full            every parameter trains (AdamW)
+    floor           nothing trains, but backward runs through every block to the input embeddings: the
+                    limit for any method that adapts every block (activation gradients, no weight gradient)
+    rocoft-row-rN   RoCoFT, N rows / columns of every block Linear (rocoft_pl.apply_rocoft)
+    rocoft-column-rN
+    lora-rN         PEFT LoRA of rank N on the same target Linears (peft, not re-implemented)
+    alg1-row-rN     the paper's Algorithm 1: trainable rows concatenated with the frozen rest every forward
+
+Per method: median step time (zero_grad + forward + backward + AdamW step) and its ratio to the floor,
+trainable parameters, training-state bytes (trainable params + grads + AdamW state, read from the live
+objects), saved-activation bytes (unique storages packed by autograd during one forward, model parameters
+and buffers excluded: deterministic), CUDA peak memory of one step, adapter file size, and the latency of
+the merged model (eval forward) relative to the untouched base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rocoft_pl import RoCoFTConfig, apply_rocoft, merge_rocoft, save_adapter
+from rocoft_pl.inject import find_heads, find_targets
+from rocoft_pl.layers import features, is_conv1d
+
+DEFAULT_METHODS = (
+    "full", "floor", "rocoft-row-r1", "rocoft-row-r3", "rocoft-column-r1", "rocoft-column-r3",
+    "lora-r1", "lora-r8", "alg1-row-r3",
+)
+# Built-in configs, random weights: nothing is downloaded. Anything else is a model id or path.
+BUILTIN_MODELS = {
+    "roberta-base-config": ("RobertaConfig", {}),
+    "bert-tiny-config": (
+        "BertConfig",
+        dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             max_position_embeddings=64),
+    ),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------- methods
+class ConcatRows(nn.Module):
+    """The paper's Algorithm 1: W = cat([trainable rows, frozen rest]) rebuilt every forward.
+
+    Kept as the reference the delta layout is measured against: the concatenated full-size weight is saved
+    for backward and a full-size weight gradient is computed, only to keep its first r rows.
+    """
+
+    def __init__(self, base: nn.Module, rank: int) -> None:
+        super().__init__()
+        weight = base.weight.detach()
+        weight = weight.t() if is_conv1d(base) else weight  # rows = output features, also for Conv1D
+        self.trainable = nn.Parameter(weight[:rank].clone())
+        self.register_buffer("frozen", weight[rank:].clone())
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, torch.cat([self.trainable, self.frozen]), self.bias)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        weight = torch.cat([self.trainable, self.frozen])
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=self.bias is not None)
+        linear = linear.to(weight.device, weight.dtype)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+
+@dataclass
+class Method:
+    """A model prepared for one method, with what the benchmark needs to time, save and merge it."""
+
+    name: str
+    model: nn.Module
+    rocoft_params: Optional[int] = None
+    save: Optional[Callable[[Path], None]] = None  # writes the adapter into a directory
+    merge: Optional[Callable[[], nn.Module]] = None  # returns the plain model for inference
+    optimizer: Optional[torch.optim.Optimizer] = None
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def _train_heads(model: nn.Module) -> None:
+    """Freeze everything but the task head (classifier, score, ...), as RoCoFT does."""
+    model.requires_grad_(False)
+    for head in find_heads(model, RoCoFTConfig()).values():
+        head.requires_grad_(True)
+
+
+def build_method(name: str, base: nn.Module) -> Method:
+    """A fresh copy of ``base`` adapted for ``name`` (see the module docstring for the names)."""
+    model = copy.deepcopy(base).train()
+    if name == "full":
+        model.requires_grad_(True)
+        return Method(name, model)
+    if name == "floor":
+        model.requires_grad_(False)
+        # The embedding output becomes a leaf that requires grad, so backward crosses every block.
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_())
+        return Method(name, model)
+    if m := re.fullmatch(r"rocoft-(row|column)-r(\d+)", name):
+        report = apply_rocoft(model, RoCoFTConfig(mode=m[1], rank=int(m[2])))
+        return Method(name, model, report.rocoft_params, lambda d: save_adapter(model, d), lambda: merge_rocoft(model))
+    if m := re.fullmatch(r"lora-r(\d+)", name):
+        import peft
+
+        from .methods import peft_config  # the leaderboard's LoRA: RoCoFT's targets, head in modules_to_save
+
+        rank = int(m[1])
+        model = peft.get_peft_model(model, peft_config("lora", model, r=rank, alpha=2 * rank)).train()
+        return Method(name, model, None, lambda d: model.save_pretrained(str(d)), model.merge_and_unload)
+    if m := re.fullmatch(r"alg1-row-r(\d+)", name):
+        rank = int(m[1])
+        targets = list(find_targets(model, RoCoFTConfig()))
+        _train_heads(model)
+        for target in targets:
+            model.set_submodule(target, ConcatRows(model.get_submodule(target), rank))
+
+        def save(directory: Path) -> None:
+            from safetensors.torch import save_file
+
+            state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(state, str(Path(directory) / "adapter_model.safetensors"))
+
+        def merge() -> nn.Module:
+            for target in targets:
+                model.set_submodule(target, model.get_submodule(target).merged())
+            return model
+
+        return Method(name, model, None, save, merge)
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(DEFAULT_METHODS)} (any rank N)")
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def make_batch(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random token ids and labels, seeded: every method sees exactly the same inputs."""
+    g = torch.Generator().manual_seed(0)
+    config = model.config
+    ids = torch.randint(5, config.vocab_size, (batch_size, seq_len), generator=g)
+    labels = torch.randint(0, config.num_labels, (batch_size,), generator=g)
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(method: Method, batch: dict[str, torch.Tensor]) -> None:
+    if method.optimizer is not None:
+        method.optimizer.zero_grad(set_to_none=True)
+    method.model(**batch).loss.backward()
+    if method.optimizer is not None:
+        method.optimizer.step()
+
+
+def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward after one forward: unique storages, the model's own tensors excluded.
+
+    Deterministic (no allocator involved). Storages are deduplicated by address, which is safe because
+    every packed tensor stays alive until the graph is freed. The hook packs a detached alias: packing the
+    tensor itself would make an output hold its own grad_fn (a cycle that never frees the graph).
+    """
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    del loss  # frees the graph without running backward
+    return sum(seen.values())
+
+
+def training_state_bytes(method: Method) -> int:
+    """Trainable parameters + their gradients + the optimizer's state, as allocated after a step."""
+    total = 0
+    for p in method.trainable:
+        total += p.numel() * p.element_size()
+        total += 0 if p.grad is None else p.grad.numel() * p.grad.element_size()
+    if method.optimizer is not None:
+        for state in method.optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total
+
+
+def probe(method: Method, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """One untimed step that also serves as warm-up (AdamW allocates its state here)."""
+    row: dict[str, Any] = {
+        "method": method.name,
+        "trainable_params": sum(p.numel() for p in method.trainable),
+        "rocoft_params": method.rocoft_params,
+        "saved_activation_bytes": saved_activation_bytes(method.model, batch),
+    }
+    if device.type == "cuda":
+        # Peak of this method alone: what its first step allocates on top of what is resident (activations,
+        # gradients, and AdamW state, created in this step), plus its own weights and buffers; the other
+        # methods' models do not count.
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    train_step(method, batch)
+    if device.type == "cuda":
+        _sync(device)
+        resident = sum(t.numel() * t.element_size() for t in [*method.model.parameters(), *method.model.buffers()])
+        row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - before + resident
+    row["train_state_bytes"] = training_state_bytes(method)
+    return row
+
+
+def adapter_bytes(method: Method) -> Optional[int]:
+    """Size of the adapter's weight file(s) as each library writes them."""
+    if method.save is None:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        method.save(Path(directory))
+        return sum(f.stat().st_size for f in Path(directory).rglob("*.safetensors"))
+
+
+def _rotated(items: Sequence[Any], i: int) -> list[Any]:
+    """A different method goes first each repeat, so none always follows the same neighbour."""
+    k = i % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- run
+def build_base(model: str = "roberta-base-config", config_overrides: Optional[dict[str, Any]] = None) -> nn.Module:
+    """A sequence classifier: a built-in config with random weights, or a model id / path (from_pretrained)."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    overrides = dict(config_overrides or {})
+    torch.manual_seed(0)
+    if model in BUILTIN_MODELS:
+        cls_name, kwargs = BUILTIN_MODELS[model]
+        config = getattr(transformers, cls_name)(**{**kwargs, **overrides})
+        return AutoModelForSequenceClassification.from_config(config)
+    return AutoModelForSequenceClassification.from_pretrained(model, **overrides)
+
+
+def run(
+    base: nn.Module,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "auto",
+    dtype: str = "fp32",
+    threads: Optional[int] = None,
+    output_dir: Optional[os.PathLike] = None,
+    progress: bool = True,
+    meta: Optional[dict[str, Any]] = None,
+) -> tuple["Any", dict[str, Any]]:
+    """Benchmark ``methods`` on copies of ``base``; returns (pandas table, JSON-ready result) and writes
+    efficiency.csv / efficiency.json into ``output_dir`` if given."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    if "floor" not in methods:
+        raise ValueError("the ratios are to the floor: include 'floor' in methods")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    base = base.to(dev, DTYPES[dtype]).eval()
+    base.requires_grad_(False)
+    batch = make_batch(base, batch_size, seq_len, dev)
+
+    built = [build_method(name, base) for name in methods]
+    rows = {}
+    for method in built:
+        if method.trainable:
+            # foreach=False: the same AdamW code path for every method on every device.
+            method.optimizer = torch.optim.AdamW(method.trainable, lr=1e-5, foreach=False)
+        rows[method.name] = probe(method, batch, dev)
+        rows[method.name]["adapter_bytes"] = adapter_bytes(method)
+    for _ in range(warmup):
+        for method in built:
+            train_step(method, batch)
+
+    for i in tqdm(range(repeats), desc="train steps", disable=not progress):
+        for method in _rotated(built, i):
+            method.times.append(_timed(lambda: train_step(method, batch), dev))
+
+    # Merged inference: each merged model and the untouched base, interleaved the same way. A forward is
+    # about a third of a step, so twice the repeats cost little and the 2% target needs the precision.
+    for m in built:
+        m.optimizer = None  # free the training state before timing inference
+        m.model.zero_grad(set_to_none=True)
+    merged = {m.name: m.merge().eval() for m in built if m.merge is not None}
+    inference = {"base": base, **merged}
+    infer_times: dict[str, list[float]] = {name: [] for name in inference}
+    with torch.inference_mode():
+        for model in inference.values():
+            model(input_ids=batch["input_ids"])  # warm-up
+        for i in tqdm(range(2 * repeats), desc="inference", disable=not progress):
+            for name in _rotated(list(inference), i):
+                infer_times[name].append(_timed(lambda: inference[name](input_ids=batch["input_ids"]), dev))
+
+    floor = rows["floor"]
+    base_infer = statistics.median(infer_times["base"])
+    for method in built:
+        row = rows[method.name]
+        row["step_ms"] = 1000 * statistics.median(method.times) if method.times else float("nan")
+        # The fastest step too: on a shared machine, load only ever adds time, so it shows the method's own cost.
+        row["step_ms_min"] = 1000 * min(method.times) if method.times else float("nan")
+        row["saved_activation_vs_floor"] = row["saved_activation_bytes"] / floor["saved_activation_bytes"]
+        if method.name in merged:
+            row["merged_infer_vs_base"] = statistics.median(infer_times[method.name]) / base_infer
+    floor_ms = floor["step_ms"]
+    for row in rows.values():
+        row["step_vs_floor"] = row["step_ms"] / floor_ms
+
+    columns = [
+        "method", "step_ms", "step_vs_floor", "step_ms_min", "trainable_params", "rocoft_params", "train_state_bytes",
+        "saved_activation_bytes", "saved_activation_vs_floor", "cuda_peak_bytes", "adapter_bytes",
+        "merged_infer_vs_base",
+    ]
+    table = pd.DataFrame(list(rows.values())).reindex(columns=columns)
+    result = {
+        "setup": {
+            **(meta or {}),
+            "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "warmup": warmup,
+            "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+            "dtype": dtype, "threads": threads, "torch": torch.__version__, "base_params": sum(p.numel() for p in base.parameters()),
+            "base_infer_ms": 1000 * base_infer,
+        },
+        "methods": json.loads(table.to_json(orient="records")),
+        "step_times_s": {m.name: m.times for m in built},
+        "infer_times_s": infer_times,
+        "targets": check_targets(table, base.dtype.itemsize),
+    }
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "efficiency.csv", index=False)
+        (out / "efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
+    return table, result
+
+
+def check_targets(table: Any, bytes_per_param: int = 4) -> list[dict[str, Any]]:
+    """The issue's targets (stated for RoBERTa-base, CPU, batch 8 x 128); only pairs present are checked."""
+    by = table.set_index("method")
+    present = set(by.index)
+    checks = []
+
+    def check(what: str, value: float, limit: float) -> None:
+        checks.append({"target": what, "value": float(value), "limit": float(limit), "ok": bool(value <= limit)})
+
+    def step(a: str, b: str) -> float:
+        return by.at[a, "step_ms"] / by.at[b, "step_ms"]
+
+    def act(a: str, b: str) -> float:
+        return by.at[a, "saved_activation_bytes"] / by.at[b, "saved_activation_bytes"]
+
+    for name in [n for n in by.index if n.startswith("rocoft-") and n.endswith("-r3")]:
+        for other, limit in (("floor", 1.05), ("lora-r8", 0.85), ("alg1-row-r3", 0.80), ("full", 0.60)):
+            if other in present:
+                check(f"{name} step / {other} step", step(name, other), limit)
+    for name in by.index:
+        if name.startswith("rocoft-column-"):
+            check(f"{name} saved activations / floor", act(name, "floor"), 1.01)
+        if name.startswith("rocoft-row-") and "lora-r8" in present:
+            check(f"{name} saved activations / lora-r8", act(name, "lora-r8"), 1.0)
+        if name.startswith("rocoft-") and by.at[name, "adapter_bytes"] == by.at[name, "adapter_bytes"]:
+            # The file also holds the task head (trainable params besides the deltas, which train fully):
+            # subtract its bytes, then bound the rest (deltas, indices, header) by the issue's formula.
+            head = bytes_per_param * (by.at[name, "trainable_params"] - by.at[name, "rocoft_params"])
+            delta = bytes_per_param * by.at[name, "rocoft_params"]
+            check(
+                f"{name} adapter bytes without head / (1.05 x delta bytes + 64 KiB)",
+                (by.at[name, "adapter_bytes"] - head) / (1.05 * delta + 64 * 1024),
+                1.0,
+            )
+        if name.startswith("rocoft-") and "merged_infer_vs_base" in by and by.at[name, "merged_infer_vs_base"] == by.at[name, "merged_infer_vs_base"]:
+            check(f"{name} merged inference / base", by.at[name, "merged_infer_vs_base"], 1.02)
+    return checks
+
+
+# ------------------------------------------------------------------------------------------- output
+def _mib(n: Any) -> str:
+    return "n/a" if n is None or n != n else f"{n / 2**20:,.2f}"
+
+
+def format_table(table: Any) -> str:
+    """The table for humans: milliseconds, MiB, ratios."""
+    view = table.copy()
+    for col in ("step_ms", "step_ms_min"):
+        view[col] = view[col].map(lambda v: f"{v:,.0f}")
+    for col in ("step_vs_floor", "saved_activation_vs_floor", "merged_infer_vs_base"):
+        view[col] = view[col].map(lambda v: "n/a" if v != v else f"{v:.3f}")
+    view["trainable_params"] = view["trainable_params"].map(lambda v: f"{int(v):,}")
+    view["rocoft_params"] = view["rocoft_params"].map(lambda v: "" if v != v or v is None else f"{int(v):,}")
+    for col in ("train_state_bytes", "saved_activation_bytes", "cuda_peak_bytes", "adapter_bytes"):
+        view[col] = view[col].map(_mib)
+    if table["cuda_peak_bytes"].isna().all():
+        view = view.drop(columns="cuda_peak_bytes")
+    view = view.rename(columns=lambda c: c.replace("_bytes", "_MiB"))
+    return view.to_markdown(index=False)
+
+
+def format_targets(checks: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{'met ' if c['ok'] else 'MISS'}  {c['target']}: {c['value']:.3f} (limit {c['limit']:.2f})" for c in checks)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "efficiency",
+        help="step time, memory, adapter size and merged latency of RoCoFT vs full FT, LoRA, Algorithm 1",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="roberta-base-config",
+                        help=f"built-in config with random weights ({', '.join(BUILTIN_MODELS)}) or a HF model id/path")
+    parser.add_argument("--model-config", default=None, metavar="JSON",
+                        help='config overrides as JSON, e.g. \'{"num_hidden_layers": 4}\'')
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed steps per method, interleaved (merged inference: twice as many forwards)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method after the probe step")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma list; 'floor' is required")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--output-dir", default="runs/efficiency", help="writes efficiency.csv and efficiency.json")
+    parser.set_defaults(func=main)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    # peft calls a transformers method deprecated in v5; the warning says nothing about this benchmark.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    overrides = json.loads(args.model_config) if args.model_config else {}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    base = build_base(args.model, overrides)
+    table, result = run(
+        base, methods, batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats, warmup=args.warmup,
+        device=args.device, dtype=args.dtype, threads=args.threads, output_dir=args.output_dir,
+        meta={"model": args.model, "model_config": overrides},
+    )
+    setup = result["setup"]
+    print(f"\n{args.model}  ({setup['base_params']:,} params), batch {setup['batch_size']} x {setup['seq_len']}, "
+          f"{setup['device']} {setup['dtype']}, {setup['threads']} threads, median of {setup['repeats']} steps\n")
+    print(format_table(table))
+    print("\nTargets (stated for RoBERTa-base, CPU, batch 8 x 128):")
+    print(format_targets(result["targets"]))
+    print(f"\nwrote {Path(args.output_dir) / 'efficiency.csv'} and efficiency.json")
+    return 0

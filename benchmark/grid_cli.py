@@ -1,0 +1,49 @@
+"""`rocoft-bench run GRID.yaml` and `rocoft-bench table RESULTS`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .grid import load_grid
+    from .leaderboard import write_tables
+    from .runner import run_grid
+
+    records = run_grid(args.grid, jobs=args.jobs, results=args.results)
+    failed = [r for r in records if r["status"] != "ok"]
+    results = Path(args.results) if args.results else load_grid(args.grid).results
+    print(f"{len(records) - len(failed)} cell(s) finished, {len(failed)} failed; results in {results}")
+    if args.table:
+        paths = write_tables(results, results.parent, args.statistic)
+        print(paths["markdown"].read_text())
+    return 1 if failed and args.strict else 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from .leaderboard import write_tables
+
+    out = Path(args.output_dir) if args.output_dir else Path(args.results).parent
+    paths = write_tables(args.results, out, args.statistic)
+    print(paths["markdown"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    run = subparsers.add_parser("run", help="run a grid of (model, task, method, seed) cells, resumably")
+    run.add_argument("grid", help="grid YAML (see benchmark/grid.py and configs/bench/)")
+    run.add_argument("--jobs", type=int, default=1, help="cells at once (one GPU each when GPUs are present)")
+    run.add_argument("--results", help="results file (default: the grid's, runs/bench/<name>/results.jsonl)")
+    run.add_argument("--table", action="store_true", help="write and print the leaderboard afterwards")
+    run.add_argument("--statistic", choices=("mean", "median"), default="mean")
+    run.add_argument("--strict", action="store_true", help="exit 1 when a cell failed")
+    run.set_defaults(func=_run)
+
+    table = subparsers.add_parser("table", help="leaderboard (Markdown, CSV, HTML) and plots from a results file")
+    table.add_argument("results", help="results JSONL written by `rocoft-bench run`")
+    table.add_argument("--output-dir", help="default: the results file's folder")
+    table.add_argument("--statistic", choices=("mean", "median"), default="mean")
+    table.set_defaults(func=_table)

@@ -1,0 +1,84 @@
+"""`rocoft-bench efficiency` on a tiny BERT: files, rows, and the deterministic relations (no timings)."""
+
+import gc
+import json
+
+import pytest
+import torch
+
+from benchmark.cli import main
+from benchmark.efficiency import DEFAULT_METHODS, build_base, make_batch, saved_activation_bytes
+from rocoft_pl import RoCoFTConfig, apply_rocoft
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("efficiency")
+    argv = ["efficiency", "--model", "bert-tiny-config", "--batch-size", "2", "--seq-len", "16",
+            "--repeats", "2", "--warmup", "0", "--device", "cpu", "--output-dir", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "efficiency.json").read_text())
+    return out, data, {row["method"]: row for row in data["methods"]}
+
+
+def test_files_and_one_row_per_method(result):
+    out, data, rows = result
+    assert (out / "efficiency.csv").read_text().count("\n") == len(DEFAULT_METHODS) + 1
+    assert list(rows) == list(DEFAULT_METHODS)
+    for row in rows.values():
+        assert row["step_ms"] > 0 and row["saved_activation_bytes"] > 0
+    assert len(data["step_times_s"]["floor"]) == 2
+
+
+@pytest.mark.parametrize("mode", ["row", "column"])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_rocoft_counts_are_apply_rocofts(result, mode, rank):
+    report = apply_rocoft(build_base("bert-tiny-config"), RoCoFTConfig(mode=mode, rank=rank))
+    row = result[2][f"rocoft-{mode}-r{rank}"]
+    assert row["rocoft_params"] == report.rocoft_params
+    assert row["trainable_params"] == report.trainable_params
+    # fp32 AdamW: parameter + gradient + exp_avg + exp_avg_sq, plus one 4-byte step counter per tensor.
+    assert 16 * report.trainable_params <= row["train_state_bytes"] <= 16 * report.trainable_params + 1024
+
+
+def test_saved_activation_relations(result):
+    rows = result[2]
+    act = {name: row["saved_activation_bytes"] for name, row in rows.items()}
+    assert rows["floor"]["trainable_params"] == 0 and rows["floor"]["train_state_bytes"] == 0
+    for r in (1, 3):
+        # Columns keep only x[..., idx]; rows keep x, as LoRA does (LoRA also keeps x @ A.T).
+        assert act[f"rocoft-column-r{r}"] <= act[f"rocoft-row-r{r}"]
+        assert act[f"rocoft-column-r{r}"] <= 1.01 * act["floor"]
+        assert act[f"rocoft-row-r{r}"] <= act["lora-r8"]
+    # Algorithm 1 keeps a concatenated full-size weight per layer for backward.
+    assert act["alg1-row-r3"] > act["rocoft-row-r3"]
+    assert act["full"] >= act["floor"]
+
+
+def test_measuring_activations_frees_the_graph():
+    # Regression: packing the tensor itself made outputs reference their own grad_fn, and every probe
+    # leaked a whole forward's activations (an OOM with nine RoBERTa-base copies).
+    model = build_base("bert-tiny-config").train()
+    batch = make_batch(model, 2, 16, torch.device("cpu"))
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    first = saved_activation_bytes(model, batch)
+    before = live()
+    assert [saved_activation_bytes(model, batch) for _ in range(3)] == [first] * 3
+    assert live() == before
+
+
+def test_adapter_bound_and_targets_reported(result):
+    data, rows = result[1], result[2]
+    adapter = [c for c in data["targets"] if "adapter" in c["target"]]
+    assert len(adapter) == 4 and all(c["ok"] for c in adapter)
+    assert rows["full"]["adapter_bytes"] is None and rows["floor"]["adapter_bytes"] is None
+    assert rows["lora-r8"]["adapter_bytes"] > rows["lora-r1"]["adapter_bytes"]
+    for name in ("rocoft-row-r3", "lora-r8", "alg1-row-r3"):
+        assert rows[name]["merged_infer_vs_base"] > 0
+    checked = " ".join(c["target"] for c in data["targets"])
+    for target in ("step / floor", "step / lora-r8", "step / alg1-row-r3", "step / full", "merged inference"):
+        assert target in checked
