@@ -55,12 +55,7 @@ def plot_kernels(
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if title:
         fig.suptitle(title + (f"  (classes in order: {', '.join(class_names)})" if class_names else ""), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_png(plt, fig, path)
 
 
 def plot_spectra(kernels: Mapping[str, torch.Tensor], path: Union[str, Path], title: Optional[str] = None) -> Path:
@@ -75,6 +70,11 @@ def plot_spectra(kernels: Mapping[str, torch.Tensor], path: Union[str, Path], ti
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend()
+    return _save_png(plt, fig, path)
+
+
+def _save_png(plt, fig, path: Union[str, Path]) -> Path:  # type: ignore[no-untyped-def]
+    """Lay out, write (creating the folder) and close a figure."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
