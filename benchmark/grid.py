@@ -7,7 +7,12 @@ A grid YAML:
     seeds: [0, 1]
     overrides: {trainer.max_steps: 200}     # dotted keys into the config, for every cell
     models:  {minilm: {overrides: {}}}
-    tasks:   {tweets: {overrides: {}, primary_metrics: [val/accuracy]}}
+    tasks:
+      tweets:
+        overrides: {}
+        primary_metrics: [val/accuracy]
+        method_params: {rocoft-row: {selection: max}}   # per task and method kind (paper Table 10);
+                                                        # a method's own params win
     methods:
       full:          {method: full, overrides: {model.init_args.learning_rate: 1.0e-4}}
       rocoft-row-r3: {method: rocoft-row, params: {rank: 3}, label: RoCoFT 3-Row}
@@ -118,6 +123,11 @@ def load_grid(path: Union[str, Path]) -> Grid:
     cells = []
     for model_name, model_spec in models.items():
         for task_name, task_spec in tasks.items():
+            task_params = task_spec.get("method_params") or {}
+            if not isinstance(task_params, dict) or set(task_params) - set(METHODS):
+                raise ValueError(
+                    f"{path}: tasks.{task_name}.method_params maps method kinds {METHODS} to params, got {task_params!r}"
+                )
             for label, m in methods.items():
                 method_seeds = m.get("seeds", seeds)
                 if not isinstance(method_seeds, list) or not all(isinstance(s, int) for s in method_seeds):
@@ -128,6 +138,7 @@ def load_grid(path: Union[str, Path]) -> Grid:
                         for key, value in (overrides or {}).items():
                             set_dotted(config, key, value)
                     config["seed_everything"] = seed
+                    params = {**task_params.get(m["method"], {}), **(m.get("params") or {})}
                     cells.append(
                         Cell(
                             cell_id=f"{model_name}|{task_name}|{label}|seed={seed}",
@@ -135,7 +146,7 @@ def load_grid(path: Union[str, Path]) -> Grid:
                             task=task_name,
                             method=m["method"],
                             method_label=str(m.get("label", label)),
-                            method_params=dict(m.get("params") or {}),
+                            method_params=params,
                             seed=seed,
                             config=config,
                             primary_metrics=list(task_spec.get("primary_metrics") or []),

@@ -92,11 +92,11 @@ def _feedforward(model: nn.Module, suffixes: list[str]) -> list[str]:
 
 
 def peft_config(method: str, model: nn.Module, total_steps: Optional[int] = None, **params: Any) -> Any:
-    """A peft config for ``method`` on the same targets RoCoFT adapts."""
+    """A peft config for ``method`` on the same targets RoCoFT adapts (or ``targets``: module-name suffixes)."""
     import peft
 
     task_type = _task_type(model)
-    targets = target_suffixes(model)
+    targets = list(params.get("targets") or target_suffixes(model))
     heads = [h.split(".")[-1] for h in head_names(model)]
     common: dict[str, Any] = {"task_type": task_type}
     adapters: dict[str, Callable[[], Any]] = {

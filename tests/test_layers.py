@@ -77,6 +77,57 @@ def test_delta_gradient_equals_masked_full_weight_gradient(kind, mode, idx):
     assert layer.base.weight.grad is None  # no full-size weight gradient
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mode,idx", CASES)
+@pytest.mark.parametrize("train_bias", [False, True])
+def test_input_and_bias_gradients_equal_the_dense_reference(kind, mode, idx, train_bias):
+    """Also covers the fused row node (frozen W0, optionally a trained bias) on 3-d inputs."""
+    layer = layer_with_random_delta(kind, mode, idx)
+    layer.base.weight.requires_grad_(False)
+    layer.base.bias.requires_grad_(train_bias)
+    x = torch.randn(2, 3, IN, requires_grad=True)
+    g = torch.randn(2, 3, OUT)
+    layer(x).backward(g)
+
+    w = (logical_weight(layer.base) + layer.delta_weight()).detach()
+    x_ref = x.detach().clone().requires_grad_(True)
+    b_ref = layer.base.bias.detach().clone().requires_grad_(True)
+    F.linear(x_ref, w, b_ref).backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    if train_bias:
+        torch.testing.assert_close(layer.base.bias.grad, b_ref.grad)
+    else:
+        assert layer.base.bias.grad is None
+
+
+def test_row_delta_under_torch_func_per_example_gradients():
+    """torch.func (vmap over grad) through the fused row node gives each example's own delta gradient."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = layer_with_random_delta("linear", "row", [1, 4, 6])
+    layer.base.requires_grad_(False)
+    xs, ts = torch.randn(4, IN), torch.randn(4, OUT)
+
+    def loss(delta, x, t):
+        return F.mse_loss(functional_call(layer, {"delta": delta}, (x[None],)), t[None])
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(layer.delta.detach(), xs, ts)
+    for i in range(4):
+        layer.delta.grad = None
+        loss(layer.delta, xs[i], ts[i]).backward()
+        torch.testing.assert_close(per_example[i], layer.delta.grad)
+
+
+def test_row_delta_under_autocast_matches_the_unfused_path():
+    layer = layer_with_random_delta("linear", "row", [1, 4, 6])
+    layer.base.requires_grad_(False)
+    x = torch.randn(3, IN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.delta.grad is not None
+
+
 @pytest.mark.parametrize("mode", ["row", "column"])
 def test_no_full_size_weight_saved_or_materialised(mode):
     """Row/column backward keeps no (out x in) tensor except the frozen W0 itself."""

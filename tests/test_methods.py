@@ -43,6 +43,18 @@ def test_counts_are_the_methods_own():
     assert counts["lora"] == 2 * 8 * (4 * (16 + 16) + (16 + 24) + (24 + 16))
 
 
+def test_same_targets_restrict_rocoft_and_lora_alike():
+    """Table 8 adapts only the attention's query/key/value: both methods take the same suffix list."""
+    qkv = ["query", "key", "value"]
+    counts = {}
+    for method, params in [("rocoft-row", {"rank": 2, "targets": qkv}), ("lora", {"r": 2, "targets": qkv})]:
+        module, cb = Classifier(), method_callback(method, **params)
+        cb.setup(pl.Trainer(max_steps=1, logger=False), module, "fit")
+        counts[method] = counts_of(cb, module).adapter_params
+    assert counts["rocoft-row"] == 2 * 3 * 2 * 16  # 2 layers x 3 matrices x 2 rows x 16 inputs
+    assert counts["lora"] == 2 * 3 * 2 * (16 + 16)
+
+
 def test_peft_targets_are_rocofts_targets():
     assert target_suffixes(tiny_bert()) == [
         "attention.self.query", "attention.self.key", "attention.self.value",
