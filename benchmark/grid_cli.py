@@ -16,6 +16,12 @@ def _run(args: argparse.Namespace) -> int:
     failed = [r for r in records if r["status"] != "ok"]
     results = Path(args.results) if args.results else load_grid(args.grid).results
     print(f"{len(records) - len(failed)} cell(s) finished, {len(failed)} failed; results in {results}")
+    outside = sorted(r["wall_s"] - r["fit_validate_s"] for r in records if r["status"] == "ok" and r.get("fit_validate_s"))
+    if outside:
+        print(
+            f"per cell outside fit + validate (process start, imports, model and data set-up, result write): "
+            f"median {outside[len(outside) // 2]:.1f} s, max {outside[-1]:.1f} s"
+        )
     if args.table:
         paths = write_tables(results, results.parent, args.statistic)
         print(paths["markdown"].read_text())

@@ -19,12 +19,10 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from .optim import NO_DECAY as _NO_DECAY, SCHEDULERS, check_scheduler, configure_adamw  # noqa: F401 (re-exported)
+
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
-SCHEDULERS = ("cosine", "linear", "constant")
 PACKAGE_PREFIX = "pkg:"
-# Parameters without weight decay (the usual transformer recipe).
-_NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
-_HEAD_NAMES = ("classifier", "score", "classification_head")
 
 
 def resolve_pretrained(name_or_path: str) -> str:
@@ -110,8 +108,7 @@ class SequenceClassificationModule(pl.LightningModule):
         model_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        check_scheduler(scheduler)
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         for name in metrics or []:
@@ -204,35 +201,7 @@ class SequenceClassificationModule(pl.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-
-        hp = self.hparams
-        head_lr = hp.head_learning_rate or hp.learning_rate
-        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            in_head = any(f".{h}." in f".{name}" for h in _HEAD_NAMES)
-            decay = 0.0 if name.endswith(_NO_DECAY) else hp.weight_decay
-            groups.setdefault((head_lr if in_head else hp.learning_rate, decay), []).append(p)
-        if not groups:
-            raise ValueError("no parameter requires a gradient: nothing to train")
-        optimizer = torch.optim.AdamW(
-            [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-            lr=hp.learning_rate,
-            eps=hp.adam_epsilon,
-            betas=tuple(hp.adam_betas),
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(hp.warmup_ratio * total) if hp.warmup_ratio is not None else hp.warmup_steps
-        warmup = min(warmup, max(total - 1, 0))
-        if hp.scheduler == "cosine":
-            schedule = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-        elif hp.scheduler == "linear":
-            schedule = get_linear_schedule_with_warmup(optimizer, warmup, total)
-        else:
-            schedule = get_constant_schedule_with_warmup(optimizer, warmup)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return configure_adamw(self)
 
 
 __all__ = ["METRICS", "SequenceClassificationModule", "build_metric", "resolve_pretrained"]
