@@ -78,7 +78,7 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
-    node[parts[-1]] = value
+    node[parts[-1]] = copy.deepcopy(value)  # cells must not share a dict given as one override value
 
 
 def _section(spec: dict[str, Any], key: str, where: str) -> dict[str, dict[str, Any]]:

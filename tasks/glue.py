@@ -11,10 +11,10 @@ files (``CoLA.tsv``, ``MNLI-m.tsv`` ...) for the test split(s).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Union
 
-from .text_classification import LOCAL_FORMATS, TextClassificationDataModule
+from .local_files import split_files
+from .text_classification import TextClassificationDataModule
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -50,21 +50,6 @@ GLUE_TASKS: dict[str, GlueTask] = {
 _NAMED_PREDICTIONS = {"mnli", "qnli", "rte"}
 
 
-def local_glue_files(data_dir: Union[str, Path], splits: list[str]) -> dict[str, str]:
-    """``{split: data_dir/<split>.<ext>}`` for the splits that exist; train and validation must."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data_dir: no such directory {root}")
-    files = {}
-    for split in splits:
-        found = [root / f"{split}{ext}" for ext in LOCAL_FORMATS if (root / f"{split}{ext}").is_file()]
-        if len(found) > 1:
-            raise ValueError(f"data_dir {root}: several files for split {split!r}: {[f.name for f in found]}")
-        if found:
-            files[split] = str(found[0])
-    return files
-
-
 class GLUEDataModule(TextClassificationDataModule):
     """One GLUE task.
 
@@ -98,7 +83,7 @@ class GLUEDataModule(TextClassificationDataModule):
         spec = GLUE_TASKS[task]
         self.task, self.spec = task, spec
         splits = ["train", *spec.val_splits, *spec.test_splits]
-        data_files = local_glue_files(data_dir, splits) if data_dir is not None else None
+        data_files = split_files(data_dir, splits) if data_dir is not None else None
         if data_files is not None:
             missing = [s for s in ["train", *spec.val_splits] if s not in data_files]
             if missing:
@@ -144,4 +129,4 @@ class GLUEDataModule(TextClassificationDataModule):
         return str(int(value))
 
 
-__all__ = ["GLUEDataModule", "GLUE_TASKS", "GlueTask", "HUB_DATASET", "local_glue_files"]
+__all__ = ["GLUEDataModule", "GLUE_TASKS", "GlueTask", "HUB_DATASET"]

@@ -17,7 +17,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+from .local_files import LOCAL_FORMATS, check_data_files
+
 UNLABELLED = -1  # label id of rows without a label (GLUE test splits)
 
 
@@ -148,20 +149,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
     # -- loading ---------------------------------------------------------------------------------------
     def _check_files(self) -> None:
         assert self.data_files is not None
-        if not self.data_files:
-            raise ValueError("data_files is empty: give at least {train: PATH}")
-        suffixes = set()
-        for split, path in self.data_files.items():
-            p = Path(path)
-            if not p.is_file():
-                raise FileNotFoundError(f"data_files[{split!r}]: no such file {path}")
-            if p.stat().st_size == 0:
-                raise ValueError(f"data_files[{split!r}]: {path} is empty")
-            if p.suffix.lower() not in LOCAL_FORMATS:
-                raise ValueError(f"data_files[{split!r}]: {path}: unknown format; use one of {sorted(LOCAL_FORMATS)}")
-            suffixes.add(LOCAL_FORMATS[p.suffix.lower()])
-        if len(suffixes) > 1:
-            raise ValueError(f"data_files mix formats {sorted(suffixes)}; use one format for all splits")
+        check_data_files(self.data_files)
 
     def _load_raw(self) -> Any:
         import datasets

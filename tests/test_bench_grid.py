@@ -156,3 +156,15 @@ def test_paper_glue_grid_cells_are_valid_cli_configs():
         assert cli.datamodule.task == cell.task
         assert cli.model.hparams.learning_rate == config["model"]["init_args"]["learning_rate"]
     assert seen == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"}
+
+
+def test_dict_valued_overrides_are_not_shared_between_cells(tmp_path):
+    grid = write_grid(tmp_path, {
+        "a": {"method": "bitfit", "overrides": {"model.init_args.learning_rate": 0.1}},
+        "b": {"method": "bitfit"},
+    })
+    spec = yaml.safe_load(grid.read_text())
+    spec["tasks"]["tweets"]["overrides"] = {"model": BASE["model"]}
+    grid.write_text(yaml.safe_dump(spec))
+    lrs = {c.method_label: c.config["model"]["init_args"]["learning_rate"] for c in load_grid(grid).cells}
+    assert lrs == {"a": 0.1, "b": 1e-3}
