@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "f": "mlm",  # mlm | classifier | embedding
     "data": None,
     "data_subset": None,
+    "data_revision": None,  # hub revision, e.g. refs/convert/parquet for script-only datasets (CogComp/trec)
     "train_split": "train",
     "test_split": None,  # None: test drawn from the train pool (excluding the k-shot draw)
     "csv_encoding": "utf-8",
@@ -45,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "binary": "difference",  # difference (D = 1) | logits (D = C)
     "max_length": 128,
     "max_memory_mb": 1024,
+    "method": "func",  # per-example gradients: func (torch.func vmap(jacrev), faster) | loop (autograd per example)
+    "chunk_size": None,  # examples per vmap call (func); None: from the memory budget, at most 8
     "device": None,
     "threads": None,  # torch intra-op threads (None: torch's default); 1 is much faster on a busy CPU
     "lambdas": None,
@@ -64,6 +67,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "embedding = similarity of the mean-pooled embedding with label-word embeddings")
     p.add_argument("--data", help="hub dataset id or a local .csv/.tsv/.json/.jsonl file")
     p.add_argument("--data-subset", help="hub dataset config name (e.g. sst2 for glue)")
+    p.add_argument("--data-revision", help="hub dataset revision (branch, tag or commit)")
     p.add_argument("--train-split")
     p.add_argument("--test-split")
     p.add_argument("--csv-encoding")
@@ -84,6 +88,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--binary", choices=["difference", "logits"])
     p.add_argument("--max-length", type=int)
     p.add_argument("--max-memory-mb", type=float, help="bound on stored per-example gradients")
+    p.add_argument("--method", choices=["func", "loop"],
+                   help="per-example gradients: func (default) = torch.func vmap(jacrev) over example chunks; "
+                   "loop = autograd per example (for outputs vmap cannot run)")
+    p.add_argument("--chunk-size", type=int, help="examples per vmap call with --method func")
     p.add_argument("--device")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--lambdas", help="comma-separated KLR regularisation grid (default 1e-5..10)")
@@ -115,6 +123,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         cfg["lambdas"] = [float(x) for x in cfg["lambdas"]]
     if cfg["labels"] is not None:
         cfg["labels"] = [str(x) for x in cfg["labels"]]
+    if cfg["label_words"] is not None and not all(isinstance(w, str) for w in cfg["label_words"]):
+        raise SystemExit(f"label_words must be strings, got {cfg['label_words']} (quote Yes / No in YAML)")
     if not cfg["model"] or not cfg["data"]:
         raise SystemExit("ntk needs --model and --data (or a --config that sets them)")
     return cfg
@@ -141,7 +151,8 @@ def package_path(value: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
-def load_rows(data: str, subset: Optional[str], split: Optional[str], encoding: str) -> list[dict[str, Any]]:
+def load_rows(data: str, subset: Optional[str], split: Optional[str], encoding: str,
+              revision: Optional[str] = None) -> list[dict[str, Any]]:
     """Rows of a local file (pandas) or of a hub dataset split (datasets, imported lazily)."""
     path = Path(data)
     if path.exists():
@@ -157,7 +168,7 @@ def load_rows(data: str, subset: Optional[str], split: Optional[str], encoding: 
         return df.to_dict("records")
     from datasets import load_dataset
 
-    return list(load_dataset(data, subset, split=split or "train"))
+    return list(load_dataset(data, subset, split=split or "train", revision=revision))
 
 
 def _labelled(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int], list[str]]:
@@ -231,9 +242,9 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
-    train_rows, train_y, classes = _labelled(load_rows(cfg["data"], cfg["data_subset"], cfg["train_split"], cfg["csv_encoding"]), cfg)
+    train_rows, train_y, classes = _labelled(load_rows(cfg["data"], cfg["data_subset"], cfg["train_split"], cfg["csv_encoding"], cfg["data_revision"]), cfg)
     if cfg["test_split"] and cfg["test_split"] != cfg["train_split"]:
-        test_rows, test_y, _ = _labelled(load_rows(cfg["data"], cfg["data_subset"], cfg["test_split"], cfg["csv_encoding"]), {**cfg, "labels": classes})
+        test_rows, test_y, _ = _labelled(load_rows(cfg["data"], cfg["data_subset"], cfg["test_split"], cfg["csv_encoding"], cfg["data_revision"]), {**cfg, "labels": classes})
         same_pool = False
     else:
         test_rows, test_y, same_pool = train_rows, train_y, True
@@ -251,7 +262,8 @@ def main(args: argparse.Namespace) -> int:
         y_tr = torch.tensor([train_y[i] for i in tr])
         y_te = torch.tensor([test_y[i] for i in te])
         t0 = time.perf_counter()
-        k_tr, k_te = empirical_ntk(model, f, x_tr, sets, cross_examples=x_te, max_memory_mb=cfg["max_memory_mb"], device=cfg["device"])
+        k_tr, k_te = empirical_ntk(model, f, x_tr, sets, cross_examples=x_te, max_memory_mb=cfg["max_memory_mb"], device=cfg["device"],
+                                  method=cfg["method"], chunk_size=cfg["chunk_size"])
         seconds = time.perf_counter() - t0
         record: dict[str, Any] = {"seed": seed, "n_train": len(tr), "n_test": len(te), "kernel_seconds": seconds, "accuracy": {}, "lambda": {}}
         for s in sets:

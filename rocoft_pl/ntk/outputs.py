@@ -31,6 +31,14 @@ def _reduce(logits: torch.Tensor, binary_difference: bool) -> torch.Tensor:
     return logits
 
 
+def _transformed(t: torch.Tensor) -> bool:
+    """True for a tensor inside a torch.func transform (vmap: data-dependent checks must be skipped)."""
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
 def label_word_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
     """One token id per label word, as it appears after a space (RoBERTa 'Ġgreat', BERT 'great')."""
     ids = []
@@ -77,18 +85,22 @@ class MaskedLMOutput:
 
     def __call__(self, model: nn.Module, example: Mapping[str, Any]) -> torch.Tensor:
         ids = example["input_ids"]
-        pos = (ids[0] == self.mask_token_id).nonzero().flatten()
-        if pos.numel() != 1:
-            raise ValueError(f"expected exactly one mask token in the example, found {pos.numel()}")
+        at_mask = ids[0] == self.mask_token_id
+        if not _transformed(ids):  # under vmap (the func NTK) the count cannot be read; encode_prompt ensures it
+            count = int(at_mask.sum())
+            if count != 1:
+                raise ValueError(f"expected exactly one mask token in the example, found {count}")
         inputs = {k: v for k, v in example.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         head = next((getattr(model, h) for h in ("cls", "lm_head") if hasattr(model, h)), None)
         base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        # The mask position is selected with a one-hot product (exact), not an index: vmap-safe.
         if head is not None and isinstance(base, nn.Module):
             # Only the mask position goes through the vocabulary projection (a large saving on CPU).
-            hidden = base(**inputs).last_hidden_state[0, pos]
-            logits = head(hidden)[0]
+            hidden = base(**inputs).last_hidden_state[0]
+            logits = head((at_mask.to(hidden.dtype) @ hidden).unsqueeze(0))[0]
         else:
-            logits = model(**inputs).logits[0, pos[0]]
+            full = model(**inputs).logits[0]
+            logits = at_mask.to(full.dtype) @ full
         return _reduce(logits[self.label_ids.to(logits.device)], self.binary_difference)
 
 

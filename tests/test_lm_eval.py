@@ -1,0 +1,112 @@
+"""benchmark.lm_eval: lm-evaluation-harness on a local offline task with a tiny model, in memory and from a
+saved merged checkpoint; records in the results store labelled by protocol; the leaderboard shows them."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+
+import tiny_causal_lm as tl  # noqa: E402
+from benchmark import lm_eval as le  # noqa: E402
+from benchmark.leaderboard import render, results_frame  # noqa: E402
+from benchmark.results import read_results  # noqa: E402
+from rocoft_pl import RoCoFTConfig, apply_rocoft, rocoft_layers, save_adapter  # noqa: E402
+
+TASK_DIR = tl.FIXTURES / "lm_eval"
+
+
+def test_local_task_paths_become_absolute(tmp_path):
+    out = le.prepare_include_dir([TASK_DIR], tmp_path / "tasks")
+    (copied,) = list(out.glob("*.yaml"))
+    spec = yaml.safe_load(copied.read_text())
+    path = Path(spec["dataset_kwargs"]["data_files"]["test"])
+    assert path.is_absolute() and path == (TASK_DIR / "tiny_boolq.jsonl").resolve()
+    with pytest.raises(FileNotFoundError):
+        le.prepare_include_dir([tmp_path / "missing"], tmp_path / "x")
+
+
+def trained_llama():
+    """A tiny Llama with a non-zero RoCoFT adapter (so merged vs unmerged is a real check)."""
+    model = tl.tiny_llama()
+    apply_rocoft(model, RoCoFTConfig(mode="row", rank=2))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in rocoft_layers(model).values():
+            layer.delta.normal_(std=0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def in_memory():
+    lm = le.hflm_in_memory(trained_llama(), tl.tiny_tokenizer(), batch_size=4)
+    return le.evaluate(lm, ["tiny_boolq"], include=[TASK_DIR], bootstrap_iters=0)
+
+
+def test_in_memory_model_scores_a_local_task(in_memory):
+    metrics = in_memory["results"]["tiny_boolq"]
+    assert 0.0 <= metrics["acc,none"] <= 1.0
+    assert in_memory["n-samples"]["tiny_boolq"]["effective"] == 4
+
+
+def test_records_carry_the_protocol_and_show_in_the_leaderboard(in_memory, tmp_path):
+    records = le.result_records(in_memory, model="tiny-llama", method="rocoft-row", method_label="RoCoFT 2-Row",
+                                adapter_params=224, extra={"limit": None})
+    (record,) = records
+    assert record["protocol"] == "loglikelihood" and record["method_label"] == "RoCoFT 2-Row [loglikelihood]"
+    assert record["task"] == "tiny_boolq" and record["metrics"]["accuracy"] == in_memory["results"]["tiny_boolq"]["acc,none"]
+    store = tmp_path / "results.jsonl"
+    le.record_results(store, records)
+    # a generate-and-parse number for the same model, task and method, as the causal-LM module reports it
+    generated = le.generate_records({"val/tiny_boolq/accuracy": 0.25, "val/tiny_boolq/count": 4.0, "val/accuracy": 0.25},
+                                    model="tiny-llama", method="rocoft-row", method_label="RoCoFT 2-Row")
+    assert [(g["task"], g["protocol"], g["n_samples"]) for g in generated] == [("tiny_boolq", "generate", 4)]
+    le.record_results(store, generated)
+    le.record_results(store, records)  # idempotent: the same cell is replaced, not duplicated
+    assert len(read_results(store)) == 2
+    table = render(results_frame(read_results(store)))
+    assert "RoCoFT 2-Row [loglikelihood]" in table and "RoCoFT 2-Row [generate]" in table and "25.00" in table
+    with pytest.raises(ValueError):
+        le.result_records(in_memory, model="m", protocol="vibes")
+
+
+def test_task_names_and_primary_metrics():
+    assert le.primary_metric("hellaswag", {"acc,none": 0.3, "acc_norm,none": 0.4}) == ("acc_norm,none", 0.4)
+    assert le.primary_metric("boolq", {"acc,none": 0.6}) == ("acc,none", 0.6)
+    assert le.primary_metric("gsm8k", {"exact_match,strict-match": 0.1, "exact_match,flexible-extract": 0.2})[1] == 0.2
+    fake = {"results": {"social_iqa": {"acc,none": 0.5}, "arc_challenge": {"acc,none": 0.2, "acc_norm,none": 0.3}}}
+    assert {r["task"]: r["metrics"]["accuracy"] for r in le.result_records(fake, "m")} == {"siqa": 0.5, "arc-c": 0.3}
+    assert set(le.DEFAULT_TASKS) == {"boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy",
+                                     "arc_challenge", "openbookqa", "gsm8k"}
+
+
+def test_cli_scores_base_plus_adapter_and_saves_the_merged_checkpoint(in_memory, tmp_path):
+    from benchmark.cli import main
+
+    base = tl.tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    tl.tiny_tokenizer().save_pretrained(tmp_path / "base")
+    save_adapter(trained_llama(), tmp_path / "adapter")
+    store = tmp_path / "results.jsonl"
+    argv = ["lm-eval", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--tasks", "tiny_boolq",
+            "--include", str(TASK_DIR), "--batch-size", "4", "--results", str(store), "--model-label", "tiny-llama",
+            "--method", "rocoft-row", "--save-merged", str(tmp_path / "merged"), "--output", str(tmp_path / "lm.json")]
+    assert main(argv) == 0
+    (record,) = read_results(store)
+    # base + adapter, merged, scores exactly what the in-memory RoCoFT model scored
+    assert record["metrics"]["accuracy"] == in_memory["results"]["tiny_boolq"]["acc,none"]
+    assert record["adapter_params"] == 512 and record["protocol"] == "loglikelihood"
+    assert json.loads((tmp_path / "lm.json").read_text())["results"]["tiny_boolq"]
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([tl.tiny_tokenizer()("Question: is fire hot?\nAnswer: yes")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained_llama()(ids).logits, rtol=1e-5, atol=1e-5)
+    # the merged checkpoint scores the same by path (the multi-GPU route, here on CPU)
+    by_path = le.evaluate(le.hflm_from_path(tmp_path / "merged", batch_size=4, dtype="float32"), ["tiny_boolq"], include=[TASK_DIR])
+    assert by_path["results"]["tiny_boolq"]["acc,none"] == record["metrics"]["accuracy"]
