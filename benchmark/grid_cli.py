@@ -12,7 +12,8 @@ def _run(args: argparse.Namespace) -> int:
     from .leaderboard import write_tables
     from .runner import run_grid
 
-    records = run_grid(args.grid, jobs=args.jobs, results=args.results)
+    seeds = _seeds(args.seeds) if args.seeds else None
+    records = run_grid(args.grid, jobs=args.jobs, results=args.results, seeds=seeds)
     failed = [r for r in records if r["status"] != "ok"]
     results = Path(args.results) if args.results else load_grid(args.grid).results
     print(f"{len(records) - len(failed)} cell(s) finished, {len(failed)} failed; results in {results}")
@@ -26,6 +27,13 @@ def _run(args: argparse.Namespace) -> int:
         paths = write_tables(results, results.parent, args.statistic)
         print(paths["markdown"].read_text())
     return 1 if failed and args.strict else 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds takes comma-separated integers, got {text!r}") from None
 
 
 def _table(args: argparse.Namespace) -> int:
@@ -43,6 +51,7 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("grid", help="grid YAML (see benchmark/grid.py and configs/bench/)")
     run.add_argument("--jobs", type=int, default=1, help="cells at once (one GPU each when GPUs are present)")
     run.add_argument("--results", help="results file (default: the grid's, runs/bench/<name>/results.jsonl)")
+    run.add_argument("--seeds", help="comma-separated seeds instead of the grid's (finished cells are kept)")
     run.add_argument("--table", action="store_true", help="write and print the leaderboard afterwards")
     run.add_argument("--statistic", choices=("mean", "median"), default="mean")
     run.add_argument("--strict", action="store_true", help="exit 1 when a cell failed")

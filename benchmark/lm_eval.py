@@ -259,9 +259,9 @@ def run(args: argparse.Namespace) -> int:
             tok.save_pretrained(args.save_merged)
             path = args.save_merged
         else:
-            from rocoft_pl.modules.causal_lm import resolve_model_path
+            from rocoft_pl.modules.classification import resolve_pretrained
 
-            path, params = resolve_model_path(args.model), None
+            path, params = resolve_pretrained(args.model), None
         lm = hflm_from_path(path, batch_size=args.batch_size, parallelize=True)
     else:
         net, tok, params = load_model(args.model, args.gguf_file, args.adapter, merge=not args.no_merge, dtype=args.dtype)

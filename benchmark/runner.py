@@ -79,9 +79,10 @@ def _devices() -> list[Optional[str]]:
         return [None]
 
 
-def run_grid(grid_path: Union[str, Path], jobs: int = 1, results: Optional[Union[str, Path]] = None) -> list[dict[str, Any]]:
-    """Run every unfinished cell of a grid; returns the records written in this call."""
-    grid = load_grid(grid_path)
+def run_grid(grid_path: Union[str, Path], jobs: int = 1, results: Optional[Union[str, Path]] = None,
+             seeds: Optional[list[int]] = None) -> list[dict[str, Any]]:
+    """Run every unfinished cell of a grid (``seeds``: instead of the grid's); returns the records written."""
+    grid = load_grid(grid_path, seeds)
     if results is not None:
         grid.results = Path(results)
     if jobs < 1:

@@ -78,6 +78,49 @@ class _RowDeltaLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_delta, None, None
 
 
+class _ColumnDeltaLinear(torch.autograd.Function):
+    """``base(x) + x[..., indices] @ D.T`` as one autograd node; ``delta`` is D (out x r).
+
+    The two-op version allocates a second output-sized tensor for the sum, and in backward builds the
+    input gradient of ``index_select`` as a zero-filled input-sized tensor that is then added to the base's.
+    Here the column term is accumulated into the base's output in place (``addmm_``) and its input
+    gradient into the columns ``indices`` of the base's input gradient (``index_add_`` of a tokens x r
+    block). Only ``x[..., indices]`` is saved for backward, as in the two-op version.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, delta, indices, transposed):  # type: ignore[no-untyped-def, override]
+        y = F.linear(x, weight.t() if transposed else weight, bias)
+        x_cols = x.index_select(-1, indices)
+        y.view(-1, y.shape[-1]).addmm_(x_cols.reshape(-1, x_cols.shape[-1]), delta.t())
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def, override]
+        x, weight, _bias, delta, indices, transposed = inputs
+        ctx.save_for_backward(x.index_select(-1, indices), weight, delta, indices)
+        ctx.transposed = transposed
+        ctx.in_shape = x.shape
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[no-untyped-def, override]
+        x_cols, weight, delta, indices = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_bias = grad_delta = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ (weight.t() if ctx.transposed else weight)
+            grad_x.index_add_(-1, indices, g @ delta)
+            grad_x = grad_x.view(ctx.in_shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            # (r x tokens) @ (tokens x out), transposed: the wide product (see RoCoFTLinear._zero_delta)
+            grad_delta = (x_cols.reshape(-1, x_cols.shape[-1]).t() @ g).t()
+        return grad_x, None, grad_bias, grad_delta, None, None
+
+
 class RoCoFTLinear(nn.Module):
     """Wraps an ``nn.Linear`` or ``Conv1D``; only ``delta`` trains, ``indices`` is a persistent buffer.
 
@@ -148,7 +191,7 @@ class RoCoFTLinear(nn.Module):
         if self.merged:
             return self.base(x)
         if self.mode == "row":
-            if self._row_fusable(x):
+            if self._fusable(x):
                 return _RowDeltaLinear.apply(
                     x, self.base.weight, self.base.bias, self.delta, self.indices, self.transposed
                 )
@@ -156,13 +199,17 @@ class RoCoFTLinear(nn.Module):
             # In place: the base's backward does not need its output, and an out-of-place add copies it.
             return y.index_add_(-1, self.indices, F.linear(x, self.delta).to(y.dtype))
         if self.mode == "column":
+            if self._fusable(x):
+                return _ColumnDeltaLinear.apply(
+                    x, self.base.weight, self.base.bias, self.delta, self.indices, self.transposed
+                )
             y = self.base(x)
             return y + F.linear(x.index_select(-1, self.indices), self.delta).to(y.dtype)
         weight = self._logical_weight() + self.delta_weight()
         return F.linear(x, weight, self.base.bias)
 
-    def _row_fusable(self, x: torch.Tensor) -> bool:
-        """The fused row node needs what it assumes: a frozen plain-tensor W0 called without hooks, one
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """The fused row / column nodes need what it assumes: a frozen plain-tensor W0 called without hooks, one
         dtype, no autocast (its backward would see other dtypes than its forward)."""
         weight = self.base.weight
         return (

