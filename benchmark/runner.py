@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 from tqdm.auto import tqdm
 
 from .grid import Cell, Grid, load_grid
+from .lm_eval import generate_records_of_cell
 from .results import finished_cells, upsert_result
 
 # Distributed launch variables of a parent run must not leak into a cell.
@@ -109,6 +110,8 @@ def run_grid(grid_path: Union[str, Path], jobs: int = 1, results: Optional[Union
                 free.append(slot)
         with lock:
             upsert_result(grid.results, record)
+            for derived in generate_records_of_cell(record, cell.config):  # causal LMs: one record per dataset
+                upsert_result(grid.results, derived)
             written.append(record)
             bar.update(1)
             if record["status"] != "ok":

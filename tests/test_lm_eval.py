@@ -74,6 +74,19 @@ def test_records_carry_the_protocol_and_show_in_the_leaderboard(in_memory, tmp_p
         le.result_records(in_memory, model="m", protocol="vibes")
 
 
+def test_grid_cells_of_causal_lms_add_per_dataset_generate_records():
+    record = {"status": "ok", "cell_id": "m|commonsense|RoCoFT 3-Row|seed=0", "model": "m", "method": "rocoft-row",
+              "method_label": "RoCoFT 3-Row", "seed": 0, "adapter_params": 10,
+              "metrics": {"val/boolq/accuracy": 0.5, "val/boolq/count": 2.0, "val/piqa/accuracy": 1.0, "val/accuracy": 0.75}}
+    causal = {"model": {"class_path": "rocoft_pl.modules.causal_lm.CausalLMModule"}}
+    derived = le.generate_records_of_cell(record, causal)
+    assert sorted((d["task"], d["metrics"]["accuracy"], d["protocol"]) for d in derived) == [("boolq", 0.5, "generate"), ("piqa", 1.0, "generate")]
+    assert all(d["method_label"] == "RoCoFT 3-Row [generate]" and d["source_cell"] == record["cell_id"] for d in derived)
+    classifier = {"model": {"class_path": "rocoft_pl.modules.classification.SequenceClassificationModule"}}
+    assert le.generate_records_of_cell(record, classifier) == []
+    assert le.generate_records_of_cell({**record, "status": "failed"}, causal) == []
+
+
 def test_task_names_and_primary_metrics():
     assert le.primary_metric("hellaswag", {"acc,none": 0.3, "acc_norm,none": 0.4}) == ("acc_norm,none", 0.4)
     assert le.primary_metric("boolq", {"acc,none": 0.6}) == ("acc,none", 0.6)
