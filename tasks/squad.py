@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from .loaders import task_loader
 from .local_files import LOCAL_FORMATS, local_data_files
 
 HUB_DATASETS = {"v1": "rajpurkar/squad", "v2": "rajpurkar/squad_v2"}
@@ -348,14 +349,8 @@ class SquadDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self._features:
             raise RuntimeError(f"no windows for split {split!r}: call setup() first (have {sorted(self._features)})")
-        return DataLoader(
-            self._features[split],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            collate_fn=self._collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        batch_size = self.batch_size if shuffle else self.eval_batch_size
+        return task_loader(self._features[split], batch_size, shuffle, self._collate, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_split not in self._raw:

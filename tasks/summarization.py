@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from .loaders import task_loader
 from .local_files import LOCAL_FORMATS, local_data_files
 
 SUMMARIZATION_TASKS: dict[str, dict[str, Any]] = {
@@ -201,14 +202,8 @@ class SummarizationDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self._tokenized:
             raise RuntimeError(f"split {split!r} is not tokenized: call setup() first (have {sorted(self._tokenized)})")
-        return DataLoader(
-            self._tokenized[split],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            collate_fn=self._collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        batch_size = self.batch_size if shuffle else self.eval_batch_size
+        return task_loader(self._tokenized[split], batch_size, shuffle, self._collate, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_split, shuffle=True)

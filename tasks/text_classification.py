@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from .loaders import task_loader
 from .local_files import LOCAL_FORMATS, check_data_files
 
 UNLABELLED = -1  # label id of rows without a label (GLUE test splits)
@@ -322,14 +323,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
             raise RuntimeError("call setup() first")
         if split not in self._tokenized:
             raise ValueError(f"no split {split!r} in the dataset (have {sorted(self._tokenized)})")
-        return DataLoader(
-            self._tokenized[split],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            collate_fn=self._collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        batch_size = self.batch_size if shuffle else self.eval_batch_size
+        return task_loader(self._tokenized[split], batch_size, shuffle, self._collate, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_split, shuffle=True)
