@@ -111,9 +111,7 @@ def load_grid(path: Union[str, Path], seeds: Optional[list[int]] = None) -> Grid
             raise FileNotFoundError(f"{path}: base_config {base_path} not found")
         base = yaml.safe_load(Path(base_path).read_text()) or {}
     override = seeds is not None
-    if override:
-        spec = {**spec, "seeds": list(seeds)}
-    seeds = spec.get("seeds", [0])
+    seeds = list(seeds) if override else spec.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers")
     models = _section(spec, "models", str(path))

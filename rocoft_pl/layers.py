@@ -209,8 +209,8 @@ class RoCoFTLinear(nn.Module):
         return F.linear(x, weight, self.base.bias)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """The fused row / column nodes need what it assumes: a frozen plain-tensor W0 called without hooks, one
-        dtype, no autocast (its backward would see other dtypes than its forward)."""
+        """The fused row / column nodes need what they assume: a frozen plain-tensor W0 called without hooks,
+        one dtype, no autocast (their backward would see other dtypes than their forward)."""
         weight = self.base.weight
         return (
             not weight.requires_grad

@@ -103,3 +103,16 @@ def _tiny_classifier_class():
 
 
 TinyClassifier = _tiny_classifier_class()
+
+
+def assert_adapters_close(got: dict, ref: dict) -> None:
+    """Two saved adapters (safetensors dicts): the same keys, identical indices, tensors within 1e-5."""
+    import torch
+
+    assert got.keys() == ref.keys()
+    for key in ref:
+        if key.endswith(".indices"):
+            assert torch.equal(got[key], ref[key]), key
+        else:
+            scale = ref[key].abs().max().item()
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5 * scale, msg=key)
