@@ -45,8 +45,11 @@ class _RowDeltaLinear(torch.autograd.Function):
     """``base(x)`` with ``x @ D.T`` added to the output features ``indices``, as one autograd node.
 
     Autograd on the two-op version computes the input gradient twice (``g @ W0`` and ``g[..., idx] @ D``)
-    and then adds two activation-sized tensors; here the row term is the ``beta`` input of the base's
-    input-gradient GEMM, which the BLAS accumulates for free. W0 gets no gradient (it must be frozen).
+    into two activation-sized tensors and adds them into a third; here the row term is accumulated in place
+    into the base's input gradient (one rank-r ``addmm_``), so backward allocates one activation-sized
+    tensor, as the frozen layer's own backward does. (``torch.addmm(C, g, W0)`` with the row term as ``C``
+    looks free but is not: it copies ``C`` into a fresh result before the GEMM.) W0 gets no gradient (it
+    must be frozen).
     """
 
     generate_vmap_rule = True
@@ -70,7 +73,7 @@ class _RowDeltaLinear(torch.autograd.Function):
         grad_x = grad_bias = grad_delta = None
         if ctx.needs_input_grad[0]:
             w = weight.t() if ctx.transposed else weight
-            grad_x = torch.addmm(g_rows @ delta, g, w).view(*grad_y.shape[:-1], w.shape[1])
+            grad_x = (g @ w).addmm_(g_rows, delta).view(*grad_y.shape[:-1], w.shape[1])
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[3]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmark.cli import main
-from benchmark.efficiency import DEFAULT_METHODS, build_base, make_batch, saved_activation_bytes
+from benchmark.efficiency import DEFAULT_METHODS, build_base, make_batch, paired_ratio, saved_activation_bytes
 from rocoft_pl import RoCoFTConfig, apply_rocoft
 
 
@@ -28,6 +28,15 @@ def test_files_and_one_row_per_method(result):
     for row in rows.values():
         assert row["step_ms"] > 0 and row["saved_activation_bytes"] > 0
     assert len(data["step_times_s"]["floor"]) == 2
+    assert rows["floor"]["step_vs_floor"] == 1.0
+
+
+def test_step_ratios_are_paired_per_repeat():
+    # A machine twice as slow in the second repeat: paired ratios see 1.1 both times; medians would mix.
+    times = {"a": [1.1, 2.2], "floor": [1.0, 2.0]}
+    assert paired_ratio(times, "a", "floor") == pytest.approx(1.1)
+    times = {"a": [1.1, 2.2, 5.0], "floor": [1.0, 2.0, 1.0]}  # one disturbed pair does not move the median
+    assert paired_ratio(times, "a", "floor") == pytest.approx(1.1)
 
 
 @pytest.mark.parametrize("mode", ["row", "column"])
