@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from .adapter import adapter_state_dict, load_adapter, save_adapter
 from .config import RoCoFTConfig
-from .inject import RoCoFTReport, apply_rocoft, merge_rocoft, rocoft_layers, rocoft_report
+from .inject import RoCoFTReport, apply_rocoft, merge_rocoft, rocoft_layers, rocoft_report, unmerge_rocoft
 from .layers import RoCoFTLinear
 
 
@@ -35,4 +35,5 @@ __all__ = [
     "rocoft_layers",
     "rocoft_report",
     "save_adapter",
+    "unmerge_rocoft",
 ]

@@ -247,14 +247,41 @@ def apply_rocoft(
     return rocoft_report(model)
 
 
+# Where merge_rocoft keeps the merged wrappers (deltas, indices, W0's original entries) for unmerge_rocoft:
+# in the model's __dict__, not as a submodule, so state_dict and save_pretrained do not see them.
+_MERGED = "_rocoft_merged_layers"
+
+
 def merge_rocoft(model: nn.Module) -> nn.Module:
     """Fold every delta into its base weight and put the plain layer back (W0[idx] += D). In place.
 
     The result has no RoCoFT modules, so ``save_pretrained`` works and inference costs nothing extra.
-    Merging is one-way: to get the adapter back, load it onto the base model again.
+    ``unmerge_rocoft`` undoes it (W0 restored bit-exactly) while this model object lives; from a saved
+    merged checkpoint, load the adapter onto the base model instead.
     """
+    merged = model.__dict__.setdefault(_MERGED, {})
     for name, layer in rocoft_layers(model).items():
         model.set_submodule(name, layer.merge())
+        merged[name] = layer
+    return model
+
+
+def unmerge_rocoft(model: nn.Module) -> nn.Module:
+    """Undo ``merge_rocoft``: W0's selected entries restored from the copies taken at merge time (exact),
+    the RoCoFT layers put back with their deltas, ready to train or save again. In place."""
+    merged = model.__dict__.get(_MERGED)
+    if not merged:
+        raise ValueError("unmerge_rocoft: this model has no layers merged by merge_rocoft")
+    for name, layer in merged.items():  # check everything before changing anything
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            current = None
+        if current is not layer.base:
+            raise ValueError(f"unmerge_rocoft: {name!r} is no longer the layer merge_rocoft left there")
+    for name, layer in merged.items():
+        model.set_submodule(name, layer.unmerge().to(layer.base.weight.device))
+    del model.__dict__[_MERGED]
     return model
 
 
@@ -268,4 +295,5 @@ __all__ = [
     "merge_rocoft",
     "rocoft_layers",
     "rocoft_report",
+    "unmerge_rocoft",
 ]

@@ -239,11 +239,28 @@ class RoCoFTLinear(nn.Module):
             return dense.index_copy(1, self.indices, self.delta)
         return dense.flatten().index_copy(0, self.indices, self.delta).view_as(dense)
 
+    def _selected(self, weight: torch.Tensor) -> torch.Tensor:
+        """A copy of the entries of the logical (out x in) ``weight`` that the delta updates."""
+        if self.mode == "row":
+            return weight.index_select(0, self.indices)
+        if self.mode == "column":
+            return weight.index_select(1, self.indices)
+        return weight[self._entry_positions()]
+
+    def _entry_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries mode: (row, column) of each flat index, valid on a transposed (Conv1D) view too."""
+        return self.indices // self.in_features, self.indices % self.in_features
+
     @torch.no_grad()
     def merge(self) -> nn.Module:
-        """Add the delta into W0 in place and return the plain base layer (zero inference overhead)."""
+        """Add the delta into W0 in place and return the plain base layer (zero inference overhead).
+
+        The selected entries of W0 are copied first (r rows or columns: small), so ``unmerge`` restores W0
+        bit-exactly; subtracting the delta again would not be exact in low precision.
+        """
         if not self.merged:
             weight = self._logical_weight()
+            self._w0_selected = self._selected(weight)
             if self.mode == "row":
                 weight.index_add_(0, self.indices, self.delta.to(weight.dtype))
             elif self.mode == "column":
@@ -252,6 +269,22 @@ class RoCoFTLinear(nn.Module):
                 weight.add_(self.delta_weight().to(weight.dtype))
             self.merged = True
         return self.base
+
+    @torch.no_grad()
+    def unmerge(self) -> "RoCoFTLinear":
+        """Undo ``merge``: W0's selected entries back from the copy, the delta trains again."""
+        if self.merged:
+            weight = self._logical_weight()
+            saved = self._w0_selected.to(weight.device)
+            if self.mode == "row":
+                weight.index_copy_(0, self.indices, saved)
+            elif self.mode == "column":
+                weight.index_copy_(1, self.indices, saved)
+            else:
+                weight.index_put_(self._entry_positions(), saved)
+            del self._w0_selected
+            self.merged = False
+        return self
 
     @property
     def num_trainable(self) -> int:

@@ -1,11 +1,13 @@
 """apply_rocoft / merge_rocoft on real transformers architectures (tiny configs), and the paper's counts."""
 
+import re
+
 import pytest
 import torch
 from conftest import batch, tiny_bert, tiny_gpt2
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
-from rocoft_pl import RoCoFTConfig, RoCoFTLinear, apply_rocoft, merge_rocoft, rocoft_layers
+from rocoft_pl import RoCoFTConfig, RoCoFTLinear, apply_rocoft, merge_rocoft, rocoft_layers, unmerge_rocoft
 
 
 def roberta_on_meta(**kw):
@@ -172,6 +174,47 @@ def test_merge_equals_unmerged_and_save_pretrained_round_trips(tmp_path, model_f
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(**b).logits, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_fn", [tiny_bert, tiny_gpt2])
+def test_unmerge_puts_the_trainable_layers_back_and_w0_exactly(model_fn):
+    model = model_fn()
+    apply_rocoft(model, RoCoFTConfig(rank=2))
+    with torch.no_grad():
+        for layer in rocoft_layers(model).values():
+            layer.delta.normal_(std=0.1)
+    w0 = {n: l.base.weight.clone() for n, l in rocoft_layers(model).items()}
+    deltas = {n: l.delta for n, l in rocoft_layers(model).items()}
+    b = {k: v for k, v in batch().items() if k != "labels"}
+    before = model(**b).logits
+    merge_rocoft(model)
+    assert unmerge_rocoft(model) is model
+    layers = rocoft_layers(model)
+    assert set(layers) == set(w0)
+    for name, layer in layers.items():
+        assert torch.equal(layer.base.weight, w0[name]) and layer.delta is deltas[name]
+    after = model(**b).logits
+    torch.testing.assert_close(after, before)
+    after.square().mean().backward()  # trains again: gradients reach the deltas
+    assert all(l.delta.grad is not None and l.delta.grad.abs().sum() > 0 for l in layers.values())
+    merge_rocoft(model)  # and merges again
+    assert not rocoft_layers(model)
+
+
+def test_unmerge_errors_leave_the_model_unchanged():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="no layers merged"):
+        unmerge_rocoft(model)
+    apply_rocoft(model, RoCoFTConfig(rank=1))
+    merge_rocoft(model)
+    names = list(model.__dict__["_rocoft_merged_layers"])
+    replaced = names[-1]
+    model.set_submodule(replaced, torch.nn.Linear(2, 2))
+    weights = {n: model.get_submodule(n).weight.clone() for n in names[:-1]}
+    with pytest.raises(ValueError, match=re.escape(replaced)):
+        unmerge_rocoft(model)
+    assert not rocoft_layers(model)
+    assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in weights.items())
 
 
 def test_entries_mode_counts_about_p_of_each_matrix():

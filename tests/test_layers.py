@@ -184,6 +184,22 @@ def test_merge_matches_unmerged_output(kind, mode, idx):
     torch.testing.assert_close(layer(x), before)  # a merged wrapper no longer adds the delta twice
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mode,idx", CASES)
+def test_unmerge_restores_w0_bit_exactly_in_bf16(kind, mode, idx):
+    layer = layer_with_random_delta(kind, mode, idx, torch.bfloat16)
+    w0 = layer.base.weight.clone()
+    x = torch.randn(2, 3, IN, dtype=torch.bfloat16)
+    before = layer(x)
+    layer.merge()
+    assert not torch.equal(layer.base.weight, w0)
+    assert layer.unmerge() is layer and not layer.merged
+    assert torch.equal(layer.base.weight, w0)  # W0 + D - D would not be exact in bf16
+    assert torch.equal(layer(x), before)
+    layer.unmerge()  # a no-op when not merged
+    assert torch.equal(layer.base.weight, w0)
+
+
 def test_meta_device_init_then_materialise_restores_indices():
     with torch.device("meta"):
         base = nn.Linear(IN, OUT)
