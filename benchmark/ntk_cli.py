@@ -6,7 +6,7 @@ them with the full kernel (relative differences p = 1, 2; eigenvalue spectra), f
 regression on each train kernel (lambda by CV) and score the test set. Writes, under --out:
   results.json     per-seed numbers, settings, timings, and the mean (std) summary
   summary.csv      one row per set: accuracy mean/std, relative difference p=1/2 mean/std (Tables 4 and 5)
-  kernels_seed<S>.pt   train / cross kernels and labels
+  kernels_seed<S>.safetensors   train / cross kernels and labels (rocoft_pl.ntk.load_kernels reads them)
   heatmap_seed<S>.png, spectrum_seed<S>.png   (Figures 3/6 and 5)
 
 Settings come from --config YAML (keys = the long flag names with underscores) and flags; flags win.
@@ -203,6 +203,8 @@ def build_model(cfg: dict[str, Any], n_classes: int):
 
 def build_sets(model, cfg: dict[str, Any]):
     """(model to run, sets): LoRA wraps the model with PEFT (B = 0: same outputs) and renames the sets."""
+    import torch
+
     from rocoft_pl.ntk import full_set, lora_set, rename_by_identity, rocoft_set
 
     sets: dict[str, Any] = {}
@@ -219,6 +221,7 @@ def build_sets(model, cfg: dict[str, Any]):
         from peft import LoraConfig, get_peft_model
 
         old = dict(model.named_parameters())
+        torch.manual_seed(0)  # LoRA's A is random and its kernel depends on it: the same A every run
         model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], target_modules=cfg["lora_targets"]))
         sets = rename_by_identity(sets, old, model)
         sets["lora"] = lora_set(model)
@@ -238,7 +241,9 @@ def main(args: argparse.Namespace) -> int:
 
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
-    from rocoft_pl.ntk import KernelLogisticRegression, compare_kernels, empirical_ntk, encode_prompt, k_shot_split, set_size
+    from rocoft_pl.ntk import (
+        KernelLogisticRegression, compare_kernels, empirical_ntk, encode_prompt, k_shot_split, save_kernels, set_size,
+    )
 
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +279,7 @@ def main(args: argparse.Namespace) -> int:
         if "full" in sets:
             record["relative_difference"] = compare_kernels(k_tr, "full")
         per_seed.append(record)
-        torch.save({"train": k_tr, "cross": k_te, "y_train": y_tr, "y_test": y_te, "classes": classes}, out / f"kernels_seed{seed}.pt")
+        save_kernels(out / f"kernels_seed{seed}.safetensors", k_tr, k_te, y_tr, y_te, classes)
         if cfg["plots"]:
             from rocoft_pl.ntk.plots import plot_kernels, plot_spectra
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from rocoft_pl.ntk import EmbeddingSimilarityOutput, MaskedLMOutput, empirical_ntk, encode_prompt, full_set, rocoft_set
+from rocoft_pl.ntk import EmbeddingSimilarityOutput, MaskedLMOutput, empirical_ntk, encode_prompt, full_set, rocoft_set, save_kernels
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--max-memory-mb", type=float, default=3000)
     p.add_argument("--n", type=int, default=32, help="minilm: number of tweets")
-    p.add_argument("--save", help="torch.save the kernels here")
+    p.add_argument("--save", help="write the kernels here (safetensors)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"what": a.what, "sets": a.sets, "k": a.k, "n": len(ex), "method": a.method, "threads": a.threads, "seconds": round(dt, 1), "max_rss_mb": round(rss), "trace": {s: float(torch.diagonal(v.reshape(len(ex) * v.shape[1], -1)).sum()) for s, v in k.items()}}), flush=True)
     if a.save:
-        torch.save(k, a.save)
+        save_kernels(a.save, k)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ from rocoft_pl.ntk import (
     empirical_ntk,
     full_set,
     k_shot_split,
+    load_kernels,
     lora_set,
     relative_difference,
     rename_by_identity,
     rocoft_set,
+    save_kernels,
 )
 
 
@@ -222,6 +224,31 @@ def test_lora_set_through_peft():
     assert not any(p.requires_grad for n, p in wrapped.named_parameters() if "lora_" not in n and "classifier" not in n)
 
 
+def test_cli_lora_set_is_the_same_every_run():
+    from benchmark.ntk_cli import build_sets
+
+    cfg = {"sets": ["rows", "lora"], "rank": 1, "selection": "first", "lora_r": 2, "lora_targets": ["query", "value"]}
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(len(runs))  # whatever the global RNG holds before
+        model, sets = build_sets(tiny_bert(), cfg)
+        runs.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n})
+    assert runs[0] and all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+
+
+def test_kernel_file_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    train = {"full": torch.randn(3, 1, 3, 1, generator=g, dtype=torch.float64), "rows": torch.randn(3, 1, 3, 1, generator=g)}
+    cross = {"full": torch.randn(2, 1, 3, 1, generator=g, dtype=torch.float64)}
+    path = tmp_path / "k.safetensors"
+    save_kernels(path, train, cross, torch.tensor([0, 1, 1]), torch.tensor([1, 0]), ["neg", "pos"])
+    back = load_kernels(path)
+    assert back["classes"] == ["neg", "pos"] and back["y_test"].tolist() == [1, 0]
+    assert all(torch.equal(back["train"][s], train[s]) for s in train) and torch.equal(back["cross"]["full"], cross["full"])
+    save_kernels(tmp_path / "only.safetensors", train)  # labels and classes are optional
+    assert set(load_kernels(tmp_path / "only.safetensors")) == {"train", "cross"}
+
+
 def test_relative_difference_and_spectrum():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -333,8 +360,10 @@ def test_cli_end_to_end(tmp_path):
     assert (out / "summary.csv").read_text().startswith("set,parameters,accuracy_mean")
     for name in ("heatmap_seed13.png", "spectrum_seed21.png"):
         assert (out / name).stat().st_size > 1000
-    saved = torch.load(out / "kernels_seed13.pt")
+    saved = load_kernels(out / "kernels_seed13.safetensors")
     assert saved["train"]["full"].shape == (6, 1, 6, 1) and saved["cross"]["full"].shape == (4, 1, 6, 1)
+    assert saved["y_train"].shape == (6,) and saved["classes"] == result["classes"]
+    assert not list(out.glob("*.pt"))  # results are never pickled
 
 
 PRESETS = sorted(p.stem for p in (Path(__file__).parent.parent / "configs" / "ntk").glob("*.yaml"))
@@ -388,6 +417,6 @@ def test_preset_runs_on_local_fixture(tmp_path, name):
     assert result["classes"] == preset["labels"]
     n_classes = len(preset["labels"])
     assert result["per_seed"][0]["n_train"] == n_classes
-    kernel = torch.load(out / "kernels_seed13.pt")["train"]["rows"]
+    kernel = load_kernels(out / "kernels_seed13.safetensors")["train"]["rows"]
     d = 1 if n_classes == 2 else n_classes
     assert kernel.shape == (n_classes, d, n_classes, d)

@@ -7,6 +7,7 @@ Plots (matplotlib) are imported on use: ``from rocoft_pl.ntk.plots import plot_k
 from .compare import compare_kernels, eigenspectrum, relative_difference
 from .fewshot import LM_BFF_SEEDS, k_shot_split
 from .kernel import as_matrix, empirical_ntk, full_set, scalar_kernel
+from .kernel_file import load_kernels, save_kernels
 from .klr import KernelLogisticRegression, fit_klr, predict_logits
 from .outputs import ClassifierOutput, EmbeddingSimilarityOutput, MaskedLMOutput, encode_prompt, label_word_ids
 from .sets import lora_set, rename_by_identity, rocoft_set, set_size
@@ -26,11 +27,13 @@ __all__ = [
     "full_set",
     "k_shot_split",
     "label_word_ids",
+    "load_kernels",
     "lora_set",
     "predict_logits",
     "relative_difference",
     "rename_by_identity",
     "rocoft_set",
+    "save_kernels",
     "scalar_kernel",
     "set_size",
 ]
