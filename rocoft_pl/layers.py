@@ -56,7 +56,8 @@ class _RowDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, delta, indices, transposed):  # type: ignore[no-untyped-def, override]
-        y = F.linear(x, weight.t() if transposed else weight, bias)
+        w = weight.to(x.dtype)  # a no-op unless autocast: see RoCoFTLinear._fused_dtype
+        y = F.linear(x, w.t() if transposed else w, bias)
         return y.index_add_(-1, indices, F.linear(x, delta))
 
     @staticmethod
@@ -72,7 +73,8 @@ class _RowDeltaLinear(torch.autograd.Function):
         g_rows = g.index_select(-1, indices)
         grad_x = grad_bias = grad_delta = None
         if ctx.needs_input_grad[0]:
-            w = weight.t() if ctx.transposed else weight
+            w = weight.to(g.dtype)
+            w = w.t() if ctx.transposed else w
             grad_x = (g @ w).addmm_(g_rows, delta).view(*grad_y.shape[:-1], w.shape[1])
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
@@ -95,7 +97,8 @@ class _ColumnDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, delta, indices, transposed):  # type: ignore[no-untyped-def, override]
-        y = F.linear(x, weight.t() if transposed else weight, bias)
+        w = weight.to(x.dtype)
+        y = F.linear(x, w.t() if transposed else w, bias)
         x_cols = x.index_select(-1, indices)
         y.view(-1, y.shape[-1]).addmm_(x_cols.reshape(-1, x_cols.shape[-1]), delta.t())
         return y
@@ -113,7 +116,8 @@ class _ColumnDeltaLinear(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_bias = grad_delta = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ (weight.t() if ctx.transposed else weight)
+            w = weight.to(g.dtype)
+            grad_x = g @ (w.t() if ctx.transposed else w)
             grad_x.index_add_(-1, indices, g @ delta)
             grad_x = grad_x.view(ctx.in_shape)
         if ctx.needs_input_grad[2]:
@@ -193,36 +197,53 @@ class RoCoFTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        if self.mode in ("row", "column"):
+            dtype = self._fused_dtype(x)
+            if dtype is not None:
+                return self._fused(x, dtype)
         if self.mode == "row":
-            if self._fusable(x):
-                return _RowDeltaLinear.apply(
-                    x, self.base.weight, self.base.bias, self.delta, self.indices, self.transposed
-                )
             y = self.base(x)
             # In place: the base's backward does not need its output, and an out-of-place add copies it.
             return y.index_add_(-1, self.indices, F.linear(x, self.delta).to(y.dtype))
         if self.mode == "column":
-            if self._fusable(x):
-                return _ColumnDeltaLinear.apply(
-                    x, self.base.weight, self.base.bias, self.delta, self.indices, self.transposed
-                )
             y = self.base(x)
             return y + F.linear(x.index_select(-1, self.indices), self.delta).to(y.dtype)
         weight = self._logical_weight() + self.delta_weight()
         return F.linear(x, weight, self.base.bias)
 
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """The fused row / column nodes need what they assume: a frozen plain-tensor W0 called without hooks,
-        one dtype, no autocast (their backward would see other dtypes than their forward)."""
+    def _fused_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        """The dtype the fused row / column node computes in, or None where it does not apply.
+
+        It needs a frozen plain-tensor W0 called without hooks, and one dtype for x, W0 and D; under autocast
+        that is autocast's dtype (what ``F.linear`` would cast to), otherwise they must already agree.
+        """
         weight = self.base.weight
-        return (
-            not weight.requires_grad
-            and not hasattr(weight, "full_tensor")  # a DTensor (sharded outside a forward)
-            and not self.base._forward_hooks
-            and not self.base._forward_pre_hooks
-            and x.dtype == weight.dtype == self.delta.dtype
-            and not torch.is_autocast_enabled(x.device.type)
+        if (
+            weight.requires_grad
+            or hasattr(weight, "full_tensor")  # a DTensor (sharded outside a forward)
+            or self.base._forward_hooks
+            or self.base._forward_pre_hooks
+        ):
+            return None
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype if x.dtype == weight.dtype == self.delta.dtype else None
+
+    def _fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The fused node in ``dtype``. Under autocast, x, D and the bias are cast here (differentiably, as
+        autocast would), but W0 is cast inside the node, forward and again in backward: the node keeps the
+        resident W0, not a low-precision copy of it from forward to backward as autocast's ``F.linear`` does
+        (half the frozen model's size under bf16-mixed with fp32 weights)."""
+        node = _RowDeltaLinear if self.mode == "row" else _ColumnDeltaLinear
+        bias = self.base.bias
+        args = (
+            x.to(dtype), self.base.weight, None if bias is None else bias.to(dtype), self.delta.to(dtype),
+            self.indices, self.transposed,
         )
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return node.apply(*args)
+        return node.apply(*args)
 
     def _logical_weight(self) -> torch.Tensor:
         """W0 as (out x in), a view for Conv1D."""

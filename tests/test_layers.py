@@ -120,15 +120,49 @@ def test_fused_delta_under_torch_func_per_example_gradients(kind, mode, idx):
         torch.testing.assert_close(per_example[i], layer.delta.grad)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("mode,idx", CASES[:2])
-def test_delta_under_autocast_takes_the_unfused_path(mode, idx):
-    layer = layer_with_random_delta("linear", mode, idx)
-    layer.base.requires_grad_(False)
-    x = torch.randn(3, IN)
+@pytest.mark.parametrize("train_bias", [False, True])
+def test_fused_nodes_under_autocast_match_autocasts_two_op_path(kind, mode, idx, train_bias):
+    layer = layer_with_random_delta(kind, mode, idx)
+    layer.base.weight.requires_grad_(False)
+    layer.base.bias.requires_grad_(train_bias)
+    x = torch.randn(2, 3, IN, requires_grad=True)
+    g = torch.randn(2, 3, OUT)
+    w = logical_weight(layer.base)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-        y.float().sum().backward()
-    assert y.dtype == torch.bfloat16 and layer.delta.grad is not None
+        # autocast's own version: F.linear casts x, W0, b and D to bf16 and saves the casts
+        ref = F.linear(x, w, layer.base.bias)
+        if mode == "row":
+            ref = ref.index_add(-1, layer.indices, F.linear(x, layer.delta))
+        else:
+            ref = ref + F.linear(x.index_select(-1, layer.indices), layer.delta)
+    assert type(y.grad_fn).__name__.startswith("_RowDelta" if mode == "row" else "_ColumnDelta")
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+    grads = torch.autograd.grad(y, [x, layer.delta] + [layer.base.bias] * train_bias, g)
+    refs = torch.autograd.grad(ref, [x, layer.delta] + [layer.base.bias] * train_bias, g)
+    for got, want in zip(grads, refs):
+        assert got.dtype == want.dtype == torch.float32  # back in the parameters' and input's dtype
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["row", "column"])
+def test_under_autocast_no_low_precision_copy_of_w0_is_kept_for_backward(mode):
+    layer = layer_with_random_delta("linear", mode, [2, 3])
+    layer.base.requires_grad_(False)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            layer(torch.randn(4, IN))
+    weights = [t for t in saved if t.numel() == OUT * IN]
+    assert weights and all(t.dtype == torch.float32 for t in weights)  # only the resident fp32 W0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast's plain F.linear keeps: a bf16 copy
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            F.linear(torch.randn(4, IN, requires_grad=True), layer.base.weight)
+    assert any(t.numel() == OUT * IN and t.dtype == torch.bfloat16 for t in saved)
 
 
 @pytest.mark.parametrize("mode", ["row", "column"])
