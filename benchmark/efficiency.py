@@ -15,13 +15,15 @@ load, allocator state) hits all methods alike. Methods:
 Per method: median step time (zero_grad + forward + backward + AdamW step) and its ratio to the floor (the
 median of per-repeat ratios), trainable parameters, training-state bytes (trainable params + grads + AdamW state, read from the live
 objects), saved-activation bytes (unique storages packed by autograd during one forward, model parameters
-and buffers excluded: deterministic), CUDA peak memory of one step, adapter file size, and the latency of
+and buffers excluded: deterministic; under --dtype bf16-mixed this includes the bf16 weight copies autocast
+keeps for backward), CUDA peak memory of one step, adapter file size, and the latency of
 the merged model (eval forward) relative to the untouched base model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -56,7 +58,10 @@ BUILTIN_MODELS = {
              max_position_embeddings=64),
     ),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Weight dtype and autocast dtype: "bf16-mixed" is Lightning's precision of that name (fp32 weights, bf16 autocast).
+DTYPES: dict[str, tuple[torch.dtype, Optional[torch.dtype]]] = {
+    "fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "bf16-mixed": (torch.float32, torch.bfloat16),
+}
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -101,6 +106,7 @@ class Method:
     save: Optional[Callable[[Path], None]] = None  # writes the adapter into a directory
     merge: Optional[Callable[[], nn.Module]] = None  # returns the plain model for inference
     optimizer: Optional[torch.optim.Optimizer] = None
+    autocast: Optional[torch.dtype] = None  # forward under torch.autocast in this dtype (mixed precision)
     times: list[float] = field(default_factory=list)
 
     @property
@@ -174,15 +180,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def precision(autocast: Optional[torch.dtype], batch: dict[str, torch.Tensor]) -> Any:
+    """torch.autocast in ``autocast`` on the batch's device, or nothing."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(batch["input_ids"].device.type, dtype=autocast)
+
+
 def train_step(method: Method, batch: dict[str, torch.Tensor]) -> None:
     if method.optimizer is not None:
         method.optimizer.zero_grad(set_to_none=True)
-    method.model(**batch).loss.backward()
+    with precision(method.autocast, batch):  # forward only, as Lightning's mixed precision does
+        loss = method.model(**batch).loss
+    loss.backward()
     if method.optimizer is not None:
         method.optimizer.step()
 
 
-def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], autocast: Optional[torch.dtype] = None) -> int:
     """Bytes autograd keeps for backward after one forward: unique storages, the model's own tensors excluded.
 
     Deterministic (no allocator involved). Storages are deduplicated by address, which is safe because
@@ -198,7 +213,7 @@ def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
             seen[storage.data_ptr()] = storage.nbytes()
         return t.detach()
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision(autocast, batch):
         loss = model(**batch).loss
     del loss  # frees the graph without running backward
     return sum(seen.values())
@@ -222,7 +237,7 @@ def probe(method: Method, batch: dict[str, torch.Tensor], device: torch.device) 
         "method": method.name,
         "trainable_params": sum(p.numel() for p in method.trainable),
         "rocoft_params": method.rocoft_params,
-        "saved_activation_bytes": saved_activation_bytes(method.model, batch),
+        "saved_activation_bytes": saved_activation_bytes(method.model, batch, method.autocast),
     }
     if device.type == "cuda":
         # Peak of this method alone: what its first step allocates on top of what is resident (activations,
@@ -303,13 +318,15 @@ def run(
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    base = base.to(dev, DTYPES[dtype]).eval()
+    weight_dtype, autocast = DTYPES[dtype]
+    base = base.to(dev, weight_dtype).eval()
     base.requires_grad_(False)
     batch = make_batch(base, batch_size, seq_len, dev)
 
     built = [build_method(name, base) for name in methods]
     rows = {}
     for method in built:
+        method.autocast = autocast
         if method.trainable:
             # foreach=False: the same AdamW code path for every method on every device.
             method.optimizer = torch.optim.AdamW(method.trainable, lr=1e-5, foreach=False)
@@ -331,7 +348,7 @@ def run(
     merged = {m.name: m.merge().eval() for m in built if m.merge is not None}
     inference = {"base": base, **merged}
     infer_times: dict[str, list[float]] = {name: [] for name in inference}
-    with torch.inference_mode():
+    with torch.inference_mode(), precision(autocast, batch):
         for model in inference.values():
             model(input_ids=batch["input_ids"])  # warm-up
         for i in tqdm(range(2 * repeats), desc="inference", disable=not progress):

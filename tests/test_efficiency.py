@@ -9,6 +9,8 @@ import torch
 from benchmark.cli import main
 from benchmark.efficiency import DEFAULT_METHODS, build_base, make_batch, paired_ratio, saved_activation_bytes
 from rocoft_pl import RoCoFTConfig, apply_rocoft
+from rocoft_pl.inject import find_targets
+from rocoft_pl.layers import features
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,25 @@ def test_saved_activation_relations(result):
     # Algorithm 1 keeps a concatenated full-size weight per layer for backward.
     assert act["alg1-row-r3"] > act["rocoft-row-r3"]
     assert act["full"] >= act["floor"]
+
+
+def test_bf16_mixed_runs_under_autocast_and_rocoft_keeps_no_weight_copies(tmp_path):
+    out = tmp_path / "mixed"
+    argv = ["efficiency", "--model", "bert-tiny-config", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
+            "--warmup", "0", "--device", "cpu", "--dtype", "bf16-mixed", "--methods", "floor,rocoft-column-r1,lora-r1",
+            "--output-dir", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "efficiency.json").read_text())
+    rows = {row["method"]: row for row in data["methods"]}
+    assert data["setup"]["dtype"] == "bf16-mixed"
+    # fp32 weights and AdamW state (bf16 would halve these), bf16 autocast in forward
+    report = apply_rocoft(build_base("bert-tiny-config"), RoCoFTConfig(mode="column", rank=1))
+    assert rows["rocoft-column-r1"]["train_state_bytes"] >= 16 * report.trainable_params
+    # autocast keeps a bf16 copy of each weight for backward: the floor and LoRA do, the fused columns do not
+    act = {name: row["saved_activation_bytes"] for name, row in rows.items()}
+    targets = sum(o * i for o, i in map(features, find_targets(build_base("bert-tiny-config"), RoCoFTConfig()).values()))
+    assert act["floor"] - act["rocoft-column-r1"] >= 2 * targets * 0.9
+    assert act["rocoft-column-r1"] < act["lora-r1"]
 
 
 def test_measuring_activations_frees_the_graph():
