@@ -56,6 +56,22 @@ def test_fit_trains_only_rocoft_and_head_and_saves_adapter(tmp_path):
     torch.testing.assert_close(fresh(**batch).logits, module.model(**batch).logits)
 
 
+@pytest.mark.parametrize("mode", ["row", "column"])
+def test_fit_in_bf16_mixed_uses_the_fused_nodes_and_keeps_fp32_deltas(tmp_path, mode):
+    module = Classifier()
+    frozen_before = module.model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    nodes = []
+    hook = lambda m, args, out: nodes.append(type(out.grad_fn).__name__)  # noqa: E731
+    cb = RoCoFT(mode=mode, rank=2)
+    t = trainer(tmp_path, cb, precision="bf16-mixed")
+    module.on_fit_start = lambda: [l.register_forward_hook(hook) for l in rocoft_layers(module).values()]
+    t.fit(module, loader())
+    layer = module.model.bert.encoder.layer[0].attention.self.query
+    assert nodes and all(n.startswith("_RowDelta" if mode == "row" else "_ColumnDelta") for n in nodes)
+    assert layer.delta.dtype == torch.float32 and layer.delta.abs().sum() > 0
+    assert torch.equal(layer.base.weight, frozen_before)
+
+
 def test_setup_is_idempotent_across_stages(tmp_path):
     module, cb = Classifier(), RoCoFT(rank=1)
     t = trainer(tmp_path, cb)
