@@ -314,6 +314,9 @@ def run(
 
     if "floor" not in methods:
         raise ValueError("the ratios are to the floor: include 'floor' in methods")
+    max_len = getattr(getattr(base, "config", None), "max_position_embeddings", None)
+    if max_len is not None and seq_len > max_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings ({max_len})")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -502,11 +505,14 @@ def main(args: argparse.Namespace) -> int:
     overrides = json.loads(args.model_config) if args.model_config else {}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     base = build_base(args.model, overrides)
-    table, result = run(
-        base, methods, batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats, warmup=args.warmup,
-        device=args.device, dtype=args.dtype, threads=args.threads, output_dir=args.output_dir,
-        meta={"model": args.model, "model_config": overrides},
-    )
+    try:
+        table, result = run(
+            base, methods, batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats, warmup=args.warmup,
+            device=args.device, dtype=args.dtype, threads=args.threads, output_dir=args.output_dir,
+            meta={"model": args.model, "model_config": overrides},
+        )
+    except ValueError as e:  # bad arguments (checked before anything runs or is written)
+        raise SystemExit(f"rocoft-bench efficiency: {e}") from None
     setup = result["setup"]
     print(f"\n{args.model}  ({setup['base_params']:,} params), batch {setup['batch_size']} x {setup['seq_len']}, "
           f"{setup['device']} {setup['dtype']}, {setup['threads']} threads, median of {setup['repeats']} steps\n")

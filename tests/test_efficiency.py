@@ -85,6 +85,20 @@ def test_bf16_mixed_runs_under_autocast_and_rocoft_keeps_no_weight_copies(tmp_pa
     assert act["rocoft-column-r1"] < act["lora-r1"]
 
 
+@pytest.mark.parametrize(
+    "extra,match",
+    [(["--seq-len", "65"], "max_position_embeddings"), (["--methods", "full,lora-r8"], "include 'floor'"),
+     (["--methods", "floor,dora"], "unknown method 'dora'")],
+)
+def test_bad_arguments_fail_early_and_write_nothing(tmp_path, extra, match):
+    out = tmp_path / "out"
+    argv = ["efficiency", "--model", "bert-tiny-config", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
+            "--device", "cpu", "--output-dir", str(out), *extra]
+    with pytest.raises(SystemExit, match=match):
+        main(argv)
+    assert not out.exists()
+
+
 def test_measuring_activations_frees_the_graph():
     # Regression: packing the tensor itself made outputs reference their own grad_fn, and every probe
     # leaked a whole forward's activations (an OOM with nine RoBERTa-base copies).
