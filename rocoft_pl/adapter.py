@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RoCoFTConfig
-from .inject import RoCoFTReport, apply_rocoft, find_heads, rocoft_layers, rocoft_report
+from .inject import MERGED_LAYERS, RoCoFTReport, apply_rocoft, find_heads, rocoft_layers, rocoft_report
 from .layers import RoCoFTLinear, features
 
 CONFIG_NAME = "adapter_config.json"
@@ -153,6 +153,11 @@ def config_of(model: nn.Module) -> RoCoFTConfig:
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Save only what RoCoFT trained. ``model`` may be the HF model or a LightningModule holding it."""
     if not rocoft_layers(model):
+        if any(m.__dict__.get(MERGED_LAYERS) for m in model.modules()):
+            raise ValueError(
+                "model has no RoCoFT layers to save: merge_rocoft folded them into the weights; "
+                "unmerge_rocoft(model) first, or save the merged model with save_pretrained"
+            )
         raise ValueError("model has no RoCoFT layers to save")
     return write_adapter(path, adapter_state_dict(model), adapter_metadata(model, config_of(model)))
 

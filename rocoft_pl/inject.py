@@ -249,7 +249,7 @@ def apply_rocoft(
 
 # Where merge_rocoft keeps the merged wrappers (deltas, indices, W0's original entries) for unmerge_rocoft:
 # in the model's __dict__, not as a submodule, so state_dict and save_pretrained do not see them.
-_MERGED = "_rocoft_merged_layers"
+MERGED_LAYERS = "_rocoft_merged_layers"
 
 
 def merge_rocoft(model: nn.Module) -> nn.Module:
@@ -259,7 +259,7 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
     ``unmerge_rocoft`` undoes it (W0 restored bit-exactly) while this model object lives; from a saved
     merged checkpoint, load the adapter onto the base model instead.
     """
-    merged = model.__dict__.setdefault(_MERGED, {})
+    merged = model.__dict__.setdefault(MERGED_LAYERS, {})
     for name, layer in rocoft_layers(model).items():
         model.set_submodule(name, layer.merge())
         merged[name] = layer
@@ -269,7 +269,7 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
 def unmerge_rocoft(model: nn.Module) -> nn.Module:
     """Undo ``merge_rocoft``: W0's selected entries restored from the copies taken at merge time (exact),
     the RoCoFT layers put back with their deltas, ready to train or save again. In place."""
-    merged = model.__dict__.get(_MERGED)
+    merged = model.__dict__.get(MERGED_LAYERS)
     if not merged:
         raise ValueError("unmerge_rocoft: this model has no layers merged by merge_rocoft")
     for name, layer in merged.items():  # check everything before changing anything
@@ -281,7 +281,7 @@ def unmerge_rocoft(model: nn.Module) -> nn.Module:
             raise ValueError(f"unmerge_rocoft: {name!r} is no longer the layer merge_rocoft left there")
     for name, layer in merged.items():
         model.set_submodule(name, layer.unmerge().to(layer.base.weight.device))
-    del model.__dict__[_MERGED]
+    del model.__dict__[MERGED_LAYERS]
     return model
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import batch, tiny_bert, tiny_gpt2
 from safetensors.torch import load_file, save_file
 
-from rocoft_pl import RoCoFTConfig, apply_rocoft, load_adapter, rocoft_layers, save_adapter
+from rocoft_pl import RoCoFTConfig, apply_rocoft, load_adapter, merge_rocoft, rocoft_layers, save_adapter, unmerge_rocoft
 
 
 def trained(model_fn=tiny_bert, **cfg):
@@ -152,3 +152,14 @@ def test_wrong_architecture_and_shape_mismatch(tmp_path):
 def test_save_refuses_a_model_without_rocoft(tmp_path):
     with pytest.raises(ValueError, match="no RoCoFT layers"):
         save_adapter(tiny_bert(), tmp_path)
+
+
+def test_save_of_a_merged_model_says_to_unmerge_and_saves_after_unmerge(tmp_path):
+    model = tiny_bert()
+    apply_rocoft(model, RoCoFTConfig(rank=1))
+    merge_rocoft(model)
+    with pytest.raises(ValueError, match=r"merge_rocoft folded them.*unmerge_rocoft"):
+        save_adapter(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+    save_adapter(unmerge_rocoft(model), tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
