@@ -16,8 +16,9 @@ Per method: median step time (zero_grad + forward + backward + AdamW step) and i
 median of per-repeat ratios), trainable parameters, training-state bytes (trainable params + grads + AdamW state, read from the live
 objects), saved-activation bytes (unique storages packed by autograd during one forward, model parameters
 and buffers excluded: deterministic; under --dtype bf16-mixed this includes the bf16 weight copies autocast
-keeps for backward), CUDA peak memory of one step, adapter file size, and the latency of
-the merged model (eval forward) relative to the untouched base model.
+keeps for backward), CUDA peak memory of one step, adapter file size, and the latency of an eval forward
+(no grad) of the adapted model relative to the untouched base model: unmerged (as it trains, what
+validation during fit runs) and merged.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from rocoft_pl import RoCoFTConfig, apply_rocoft, merge_rocoft, save_adapter
 from rocoft_pl.inject import find_heads, find_targets
@@ -270,6 +272,21 @@ def _rotated(items: Sequence[Any], i: int) -> list[Any]:
     return [*items[k:], *items[:k]]
 
 
+def _inference_times(
+    models: dict[str, nn.Module], batch: dict[str, torch.Tensor], repeats: int, autocast: Optional[torch.dtype],
+    device: torch.device, progress: bool, desc: str,
+) -> dict[str, list[float]]:
+    """Seconds per eval forward of each model, interleaved over ``repeats`` rounds after one warm-up each."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode(), precision(autocast, batch):
+        for model in models.values():
+            model(input_ids=batch["input_ids"])
+        for i in tqdm(range(repeats), desc=f"inference ({desc})", disable=not progress):
+            for name in _rotated(list(models), i):
+                times[name].append(_timed(lambda: models[name](input_ids=batch["input_ids"]), device))
+    return times
+
+
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
@@ -310,7 +327,6 @@ def run(
     """Benchmark ``methods`` on copies of ``base``; returns (pandas table, JSON-ready result) and writes
     efficiency.csv / efficiency.json into ``output_dir`` if given."""
     import pandas as pd
-    from tqdm.auto import tqdm
 
     if "floor" not in methods:
         raise ValueError("the ratios are to the floor: include 'floor' in methods")
@@ -343,31 +359,29 @@ def run(
         for method in _rotated(built, i):
             method.times.append(_timed(lambda: train_step(method, batch), dev))
 
-    # Merged inference: each merged model and the untouched base, interleaved the same way. A forward is
-    # about a third of a step, so twice the repeats cost little and the 2% target needs the precision.
+    # Inference (eval forward, no grad), each adapted model against the untouched base, interleaved the same
+    # way: first unmerged (what validation during fit runs), then merged. A forward is about a third of a
+    # step, so twice the repeats cost little and the 2% target needs the precision.
     for m in built:
         m.optimizer = None  # free the training state before timing inference
         m.model.zero_grad(set_to_none=True)
-    merged = {m.name: m.merge().eval() for m in built if m.merge is not None}
-    inference = {"base": base, **merged}
-    infer_times: dict[str, list[float]] = {name: [] for name in inference}
-    with torch.inference_mode(), precision(autocast, batch):
-        for model in inference.values():
-            model(input_ids=batch["input_ids"])  # warm-up
-        for i in tqdm(range(2 * repeats), desc="inference", disable=not progress):
-            for name in _rotated(list(inference), i):
-                infer_times[name].append(_timed(lambda: inference[name](input_ids=batch["input_ids"]), dev))
+    adapted = [m for m in built if m.merge is not None]
+    infer_times = {}
+    for state in ("unmerged", "merged"):
+        models = {m.name: m.model.eval() if state == "unmerged" else m.merge().eval() for m in adapted}
+        infer_times[state] = _inference_times({"base": base, **models}, batch, 2 * repeats, autocast, dev, progress, state)
 
     floor = rows["floor"]
-    base_infer = statistics.median(infer_times["base"])
+    base_infer = statistics.median(infer_times["merged"]["base"])
     for method in built:
         row = rows[method.name]
         row["step_ms"] = 1000 * statistics.median(method.times) if method.times else float("nan")
         # The fastest step too: on a shared machine, load only ever adds time, so it shows the method's own cost.
         row["step_ms_min"] = 1000 * min(method.times) if method.times else float("nan")
         row["saved_activation_vs_floor"] = row["saved_activation_bytes"] / floor["saved_activation_bytes"]
-        if method.name in merged:
-            row["merged_infer_vs_base"] = statistics.median(infer_times[method.name]) / base_infer
+        for state, times_s in infer_times.items():
+            if method.name in times_s:
+                row[f"{state}_infer_vs_base"] = statistics.median(times_s[method.name]) / statistics.median(times_s["base"])
     times = {m.name: m.times for m in built}
     for row in rows.values():
         row["step_vs_floor"] = paired_ratio(times, row["method"], "floor")
@@ -375,7 +389,7 @@ def run(
     columns = [
         "method", "step_ms", "step_vs_floor", "step_ms_min", "trainable_params", "rocoft_params", "train_state_bytes",
         "saved_activation_bytes", "saved_activation_vs_floor", "cuda_peak_bytes", "adapter_bytes",
-        "merged_infer_vs_base",
+        "unmerged_infer_vs_base", "merged_infer_vs_base",
     ]
     table = pd.DataFrame(list(rows.values())).reindex(columns=columns)
     result = {
@@ -457,7 +471,7 @@ def format_table(table: Any) -> str:
     view = table.copy()
     for col in ("step_ms", "step_ms_min"):
         view[col] = view[col].map(lambda v: f"{v:,.0f}")
-    for col in ("step_vs_floor", "saved_activation_vs_floor", "merged_infer_vs_base"):
+    for col in ("step_vs_floor", "saved_activation_vs_floor", "unmerged_infer_vs_base", "merged_infer_vs_base"):
         view[col] = view[col].map(lambda v: "n/a" if v != v else f"{v:.3f}")
     view["trainable_params"] = view["trainable_params"].map(lambda v: f"{int(v):,}")
     view["rocoft_params"] = view["rocoft_params"].map(lambda v: "" if v != v or v is None else f"{int(v):,}")
@@ -488,7 +502,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5,
-                        help="timed steps per method, interleaved (merged inference: twice as many forwards)")
+                        help="timed steps per method, interleaved (inference, unmerged and merged: twice as many forwards)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method after the probe step")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma list; 'floor' is required")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -45,10 +45,11 @@ def _thin_product(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``x @ m.T`` for a thin ``m`` (r x k): (..., k) -> (..., r).
 
     In fp32 on CPU computed as the transpose of ``m @ x.T``: MKL's sgemm runs that wide (r x tokens) product
-    2-3x faster than the tall (tokens x r) one for RoBERTa-base shapes; in bf16 (oneDNN) the tall one is the
-    faster, and on CUDA they are alike.
+    2-3x faster than the tall (tokens x r) one for RoBERTa-base shapes, from about 16 tokens up (below, as
+    when decoding, the tall one is 3x faster); in bf16 (oneDNN) the tall one is the faster, and on CUDA they
+    are alike.
     """
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() < 16 * x.shape[-1]:
         return F.linear(x, m)
     return (m @ x.reshape(-1, x.shape[-1]).t()).t().view(*x.shape[:-1], m.shape[0])
 
@@ -252,10 +253,13 @@ class RoCoFTLinear(nn.Module):
             x.to(dtype), self.base.weight, None if bias is None else bias.to(dtype), self.delta.to(dtype),
             self.indices, self.transposed,
         )
+        # Without grad mode nothing is saved for backward, so the node's forward runs as a plain function:
+        # Function.apply costs tens of microseconds a call, as much as the layer itself when decoding a token.
+        run = node.apply if torch.is_grad_enabled() else node.forward
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return node.apply(*args)
-        return node.apply(*args)
+                return run(*args)
+        return run(*args)
 
     def _logical_weight(self) -> torch.Tensor:
         """W0 as (out x in), a view for Conv1D."""

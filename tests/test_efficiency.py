@@ -122,7 +122,10 @@ def test_adapter_bound_and_targets_reported(result):
     assert rows["full"]["adapter_bytes"] is None and rows["floor"]["adapter_bytes"] is None
     assert rows["lora-r8"]["adapter_bytes"] > rows["lora-r1"]["adapter_bytes"]
     for name in ("rocoft-row-r3", "lora-r8", "alg1-row-r3"):
-        assert rows[name]["merged_infer_vs_base"] > 0
+        assert rows[name]["merged_infer_vs_base"] > 0 and rows[name]["unmerged_infer_vs_base"] > 0
+    for name in ("full", "floor"):  # nothing to merge
+        assert rows[name]["merged_infer_vs_base"] is None and rows[name]["unmerged_infer_vs_base"] is None
+    assert len(data["infer_times_s"]["unmerged"]["base"]) == len(data["infer_times_s"]["merged"]["base"]) == 4
     checked = " ".join(c["target"] for c in data["targets"])
     for target in ("step / floor", "step / lora-r8", "step / alg1-row-r3", "step / full", "merged inference"):
         assert target in checked

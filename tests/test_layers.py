@@ -55,13 +55,18 @@ def test_forward_matches_dense_reference(kind, mode, idx, dtype, tol):
         assert nz.flatten().nonzero().flatten().tolist() == idx
 
 
+# Few tokens (as in decoding) and many take different thin-product paths on CPU (layers._thin_product).
+TOKENS = [6, 40]
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("mode,idx", CASES)
-def test_delta_gradient_equals_masked_full_weight_gradient(kind, mode, idx):
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_delta_gradient_equals_masked_full_weight_gradient(kind, mode, idx, tokens):
     layer = layer_with_random_delta(kind, mode, idx)
     layer.base.requires_grad_(False)
-    x = torch.randn(6, IN)
-    target = torch.randn(6, OUT)
+    x = torch.randn(tokens, IN)
+    target = torch.randn(tokens, OUT)
     F.mse_loss(layer(x), target).backward()
 
     w = (logical_weight(layer.base) + layer.delta_weight()).detach().requires_grad_(True)
@@ -80,13 +85,14 @@ def test_delta_gradient_equals_masked_full_weight_gradient(kind, mode, idx):
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("mode,idx", CASES)
 @pytest.mark.parametrize("train_bias", [False, True])
-def test_input_and_bias_gradients_equal_the_dense_reference(kind, mode, idx, train_bias):
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_input_and_bias_gradients_equal_the_dense_reference(kind, mode, idx, train_bias, tokens):
     """Also covers the fused row node (frozen W0, optionally a trained bias) on 3-d inputs."""
     layer = layer_with_random_delta(kind, mode, idx)
     layer.base.weight.requires_grad_(False)
     layer.base.bias.requires_grad_(train_bias)
-    x = torch.randn(2, 3, IN, requires_grad=True)
-    g = torch.randn(2, 3, OUT)
+    x = torch.randn(2, tokens // 2, IN, requires_grad=True)
+    g = torch.randn(2, tokens // 2, OUT)
     layer(x).backward(g)
 
     w = (logical_weight(layer.base) + layer.delta_weight()).detach()
@@ -146,6 +152,26 @@ def test_fused_nodes_under_autocast_match_autocasts_two_op_path(kind, mode, idx,
     for got, want in zip(grads, refs):
         assert got.dtype == want.dtype == torch.float32  # back in the parameters' and input's dtype
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mode,idx", CASES[:2])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_forward_without_grad_mode_equals_the_autograd_node(kind, mode, idx, autocast):
+    """no_grad / inference_mode run the node's forward as a plain function: same values, no graph."""
+    layer = layer_with_random_delta(kind, mode, idx)
+    layer.base.requires_grad_(False)
+    x = torch.randn(2, 3, IN)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with_graph = layer(x)
+        with torch.no_grad():
+            no_grad = layer(x)
+        with torch.inference_mode():
+            inference = layer(x)
+    assert type(with_graph.grad_fn).__name__.startswith("_RowDelta" if mode == "row" else "_ColumnDelta")
+    assert no_grad.grad_fn is None and inference.grad_fn is None
+    assert torch.equal(no_grad, with_graph.detach()) and torch.equal(inference, with_graph.detach())
+    assert no_grad.dtype == (torch.bfloat16 if autocast else torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["row", "column"])
