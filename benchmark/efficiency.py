@@ -372,16 +372,16 @@ def run(
         infer_times[state] = _inference_times({"base": base, **models}, batch, 2 * repeats, autocast, dev, progress, state)
 
     floor = rows["floor"]
-    base_infer = statistics.median(infer_times["merged"]["base"])
+    infer_medians = {state: {n: statistics.median(t) for n, t in times_s.items()} for state, times_s in infer_times.items()}
     for method in built:
         row = rows[method.name]
         row["step_ms"] = 1000 * statistics.median(method.times) if method.times else float("nan")
         # The fastest step too: on a shared machine, load only ever adds time, so it shows the method's own cost.
         row["step_ms_min"] = 1000 * min(method.times) if method.times else float("nan")
         row["saved_activation_vs_floor"] = row["saved_activation_bytes"] / floor["saved_activation_bytes"]
-        for state, times_s in infer_times.items():
-            if method.name in times_s:
-                row[f"{state}_infer_vs_base"] = statistics.median(times_s[method.name]) / statistics.median(times_s["base"])
+        for state, medians in infer_medians.items():
+            if method.name in medians:
+                row[f"{state}_infer_vs_base"] = medians[method.name] / medians["base"]
     times = {m.name: m.times for m in built}
     for row in rows.values():
         row["step_vs_floor"] = paired_ratio(times, row["method"], "floor")
@@ -398,7 +398,7 @@ def run(
             "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "warmup": warmup,
             "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
             "dtype": dtype, "threads": threads, "torch": torch.__version__, "base_params": sum(p.numel() for p in base.parameters()),
-            "base_infer_ms": 1000 * base_infer,
+            "base_infer_ms": 1000 * infer_medians["merged"]["base"],
         },
         "methods": json.loads(table.to_json(orient="records")),
         "step_times_s": {m.name: m.times for m in built},

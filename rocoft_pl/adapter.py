@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RoCoFTConfig
-from .inject import MERGED_LAYERS, RoCoFTReport, apply_rocoft, find_heads, rocoft_layers, rocoft_report
+from .inject import RoCoFTReport, apply_rocoft, find_heads, merged_record, rocoft_layers, rocoft_report
 from .layers import RoCoFTLinear, features
 
 CONFIG_NAME = "adapter_config.json"
@@ -153,7 +153,7 @@ def config_of(model: nn.Module) -> RoCoFTConfig:
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Save only what RoCoFT trained. ``model`` may be the HF model or a LightningModule holding it."""
     if not rocoft_layers(model):
-        if any(m.__dict__.get(MERGED_LAYERS) for m in model.modules()):
+        if merged_record(model) is not None:
             raise ValueError(
                 "model has no RoCoFT layers to save: merge_rocoft folded them into the weights; "
                 "unmerge_rocoft(model) first, or save the merged model with save_pretrained"

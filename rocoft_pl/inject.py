@@ -266,22 +266,34 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
     return model
 
 
+def merged_record(model: nn.Module) -> Optional[tuple[nn.Module, dict[str, RoCoFTLinear]]]:
+    """(the module merge_rocoft was called on, its merged wrappers by name), searched in ``model`` and its
+    submodules (a LightningModule holding the merged model), or None if nothing was merged."""
+    for module in model.modules():
+        merged = module.__dict__.get(MERGED_LAYERS)
+        if merged:
+            return module, merged
+    return None
+
+
 def unmerge_rocoft(model: nn.Module) -> nn.Module:
     """Undo ``merge_rocoft``: W0's selected entries restored from the copies taken at merge time (exact),
-    the RoCoFT layers put back with their deltas, ready to train or save again. In place."""
-    merged = model.__dict__.get(MERGED_LAYERS)
-    if not merged:
+    the RoCoFT layers put back with their deltas, ready to train or save again. In place; ``model`` may also
+    hold the merged model (a LightningModule)."""
+    record = merged_record(model)
+    if record is None:
         raise ValueError("unmerge_rocoft: this model has no layers merged by merge_rocoft")
+    holder, merged = record
     for name, layer in merged.items():  # check everything before changing anything
         try:
-            current = model.get_submodule(name)
+            current = holder.get_submodule(name)
         except AttributeError:
             current = None
         if current is not layer.base:
             raise ValueError(f"unmerge_rocoft: {name!r} is no longer the layer merge_rocoft left there")
     for name, layer in merged.items():
-        model.set_submodule(name, layer.unmerge().to(layer.base.weight.device))
-    del model.__dict__[MERGED_LAYERS]
+        holder.set_submodule(name, layer.unmerge().to(layer.base.weight.device))
+    del holder.__dict__[MERGED_LAYERS]
     return model
 
 
@@ -293,6 +305,7 @@ __all__ = [
     "find_heads",
     "find_targets",
     "merge_rocoft",
+    "merged_record",
     "rocoft_layers",
     "rocoft_report",
     "unmerge_rocoft",

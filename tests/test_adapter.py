@@ -163,3 +163,17 @@ def test_save_of_a_merged_model_says_to_unmerge_and_saves_after_unmerge(tmp_path
     assert not any(tmp_path.iterdir())
     save_adapter(unmerge_rocoft(model), tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_merged_inside_a_holder_module_the_advice_works_on_the_holder(tmp_path):
+    """As with a LightningModule: merge_rocoft on the inner model, save / unmerge called on the holder."""
+    holder = torch.nn.Module()
+    holder.model = tiny_bert()
+    apply_rocoft(holder.model, RoCoFTConfig(rank=1))
+    merge_rocoft(holder.model)
+    with pytest.raises(ValueError, match="unmerge_rocoft"):
+        save_adapter(holder, tmp_path)
+    assert unmerge_rocoft(holder) is holder
+    assert rocoft_layers(holder.model) and "_rocoft_merged_layers" not in holder.model.__dict__
+    save_adapter(holder, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
