@@ -1,32 +1,58 @@
 """save_adapter / load_adapter: a KB-to-MB adapter in PEFT's layout, written with safetensors and JSON.
 
-    adapter_config.json         config, library version, base-model identity, target shapes, head names
+    adapter_config.json         config, library version, base-model identity and structural fingerprint,
+                                target shapes, head names, sha256 of the weights file
     adapter_model.safetensors   <target>.delta, <target>.indices, trained biases, saved heads
 
-Loading validates everything (architecture, targets, shapes, keys, file integrity) before it changes the
-model, so a bad adapter leaves the model untouched.
+Saving refuses NaN / inf values (``allow_nonfinite=True`` to keep a broken run for inspection) and weights
+that are not materialised (meta device). Both files are written into a hidden sibling directory
+(``.<name>.rocoft-tmp-<pid>-<random>``), fsynced, and the directory is swapped into place as a whole
+(Linux: renameat2 RENAME_EXCHANGE; elsewhere two renames, an interruption between which the next save or
+load repairs), so a crash leaves either the complete old or the complete new adapter. The next save into
+the same parent removes what a killed writer left behind. A directory holding other files is not replaced.
+
+Loading checks everything before it changes the model, so a bad adapter leaves the model untouched: the
+weights file's checksum; indices (int64, in range, unique, ``rank`` many); finite values
+(``allow_nonfinite=True`` to load anyway); the architecture; that the adapter holds exactly the targets its
+config selects in this model and the base's structural fingerprint matches (``allow_partial=True`` loads
+only the targets that fit, and the report lists the rest); that the model is not merged. Onto the meta
+device, deltas are kept and written when the model is materialised (``to_empty`` then ``reset_parameters``
+of the RoCoFT layers); trained biases and heads cannot be, and are refused there. Format 1 adapters (no
+checksum, no fingerprint) still load, with the other checks.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
+import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .config import RoCoFTConfig
-from .inject import RoCoFTReport, apply_rocoft, find_heads, merged_record, rocoft_layers, rocoft_report
-from .layers import RoCoFTLinear, features
+from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, merged_record, rocoft_layers, rocoft_report
+from .layers import RoCoFTLinear, features, is_supported_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights_sha256, base_model.fingerprint, config_prefix
+READABLE_FORMATS = (1, 2)
+# hf config fields quoted when two base models' fingerprints differ
+SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
 def find_backbone(model: nn.Module) -> nn.Module:
@@ -69,6 +95,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
+def _inside(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    return str(names[:n])[:-1] + (f", ... (+{len(names) - n})]" if len(names) > n else "]")
+
+
 def _trainable_names(model: nn.Module) -> tuple[list[str], list[str]]:
     """(bias names, head parameter names) that train besides the deltas."""
     biases = [f"{n}.base.bias" for n, layer in rocoft_layers(model).items() if layer.base.bias is not None and layer.base.bias.requires_grad]
@@ -85,61 +119,297 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Deltas, indices, trained biases and head weights, by name relative to the backbone (CPU tensors)."""
     model = find_backbone(model)
     params = dict(model.named_parameters(remove_duplicate=False))
+    layers = rocoft_layers(model)
+    biases, heads = _trainable_names(model)
+    # Checked on every rank before any collective, so all ranks raise alike.
+    on_meta = [f"{n}.delta" for n, layer in layers.items() if layer.delta.is_meta]
+    on_meta += [k for k in biases + heads if params[k].is_meta]
+    if on_meta:
+        raise ValueError(
+            f"cannot save the adapter: {len(on_meta)} of its tensors (e.g. {on_meta[0]!r}) are on the meta "
+            "device, so their values are not materialised. Materialise the model first (model.to_empty(device=...), "
+            "load the base weights, reset_parameters() on the RoCoFT layers), or save on the ranks / devices "
+            "that hold the weights"
+        )
     state: dict[str, torch.Tensor] = {}
-    for name, layer in rocoft_layers(model).items():
+    for name, layer in layers.items():
         state[f"{name}.delta"] = _full(layer.delta)
         state[f"{name}.indices"] = _full(layer.indices)
-    biases, heads = _trainable_names(model)
     for key in biases + heads:
         state[key] = _full(params[key])
     return state
 
 
+def base_fingerprint(model: nn.Module, saved_modules: Iterable[str] = ()) -> dict[str, Any]:
+    """What identifies the base model's structure: sha256 over its parameters' sorted (name, shape), the
+    RoCoFT deltas and the saved heads left out and RoCoFTLinear's ``.base`` segment removed (so an adapted
+    model and a fresh one agree), plus a few config sizes for a readable message when they differ."""
+    saved_modules = list(saved_modules)
+    layers = rocoft_layers(model)
+    deltas = {id(layer.delta) for layer in layers.values()}
+    entries = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in deltas or _inside(name, saved_modules):
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith(".base") and owner[: -len(".base")] in layers:
+            name = f"{owner[: -len('.base')]}.{leaf}"
+        entries.append(f"{name}:{list(p.shape)}")
+    entries.sort()
+    hf_config = getattr(model, "config", None)
+    sizes = {k: getattr(hf_config, k, None) for k in SIZE_FIELDS}
+    return {
+        "sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest(),
+        "parameters": len(entries),
+        "sizes": {k: v for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)},
+    }
+
+
+def _config_prefix(model: nn.Module, backbone: nn.Module) -> str:
+    """The backbone's name (with a dot) inside the module apply_rocoft was called on: the stored config's
+    regex targets match names relative to that module."""
+    if backbone is model or "_rocoft_config" in vars(backbone):
+        return ""
+    return next(n for n, m in model.named_modules() if m is backbone) + "."
+
+
 def adapter_metadata(model: nn.Module, config: RoCoFTConfig) -> dict[str, Any]:
-    """What adapter_config.json holds: enough to refuse a wrong base model with a clear message."""
+    """What adapter_config.json holds: enough to refuse a wrong base model with a clear message.
+    write_adapter adds the weights' checksum."""
     from . import __version__
 
-    model = find_backbone(model)
-    hf_config = getattr(model, "config", None)
-    biases, heads = _trainable_names(model)
+    backbone = find_backbone(model)
+    hf_config = getattr(backbone, "config", None)
+    biases, heads = _trainable_names(backbone)
+    saved_modules = sorted({k.rsplit(".", 1)[0] for k in heads})
     return {
         "format_version": FORMAT_VERSION,
         "library": "rocoft_pl",
         "library_version": __version__,
         "config": config.to_dict(),
+        "config_prefix": _config_prefix(model, backbone),
         "base_model": {
             "name_or_path": getattr(hf_config, "name_or_path", None) or getattr(hf_config, "_name_or_path", None),
-            "architecture": architecture(model),
+            "architecture": architecture(backbone),
             "model_type": getattr(hf_config, "model_type", None),
+            "fingerprint": base_fingerprint(backbone, saved_modules),
         },
         "targets": {
             name: {"shape": [layer.out_features, layer.in_features], "kind": "Conv1D" if layer.transposed else "Linear"}
-            for name, layer in rocoft_layers(model).items()
+            for name, layer in rocoft_layers(backbone).items()
         },
         "trained_biases": biases,
-        "saved_modules": sorted({k.rsplit(".", 1)[0] for k in heads}),
+        "saved_modules": saved_modules,
         "saved_parameters": heads,
-        "report": {k: v for k, v in rocoft_report(model).to_dict().items() if k != "modules"},
+        "report": {k: v for k, v in rocoft_report(backbone).to_dict().items() if k != "modules"},
     }
 
 
-def write_adapter(path: Union[str, os.PathLike], state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-    """Write both files atomically (temp file + rename), so a crash never leaves a half-written adapter."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for name, writer in (
-        (WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "library": "rocoft_pl"})),
-        (CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
+# -- writing the directory atomically ---------------------------------------------------------------------
+
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.rocoft-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+_OLD_WRITER_TEMP = re.compile(r"^\.(adapter_config\.json|adapter_model\.safetensors)\..+$")  # format 1's temp files
+
+
+def _nonfinite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
+def check_finite(state: Mapping[str, torch.Tensor], allow_nonfinite: bool = False) -> None:
+    """Refuse NaN / inf in an adapter's tensors (a diverged run) unless ``allow_nonfinite``. Cheap and
+    deterministic, so every rank of a distributed run can check the gathered state and fail together."""
+    bad = _nonfinite(state)
+    if bad and not allow_nonfinite:
+        raise ValueError(
+            f"refusing to save an adapter with NaN / inf values in {len(bad)} tensors (e.g. {bad[0]!r}): training "
+            "diverged. Pass allow_nonfinite=True to save it anyway for inspection"
+        )
+
+
+def write_adapter(
+    path: Union[str, os.PathLike],
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    *,
+    allow_nonfinite: bool = False,
+) -> Path:
+    """Write both files into a sibling temp directory and swap it in as a whole: readers see the complete old
+    adapter or the complete new one, never a mix, whenever the writer dies."""
+    check_finite(state, allow_nonfinite)
+    # One header key: safetensors writes several in random order, and the same adapter should give the same
+    # bytes (and checksum). adapter_config.json names the library.
+    data = save_safetensors(state, metadata={"format": "pt"})
+    metadata = {**metadata, "format_version": FORMAT_VERSION, "weights_sha256": hashlib.sha256(data).hexdigest()}
+    config = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
+
+    given = Path(path)
+    path = Path(os.path.realpath(given))  # a symlinked adapter directory: replace what it points to
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover(path)
+    _remove_stale(path)
+    check_replaceable(path)
+    tmp = _sibling(path, "tmp")
+    try:
+        os.mkdir(tmp, 0o777)  # 0755 under the usual umask, as any directory the user makes
+        _write_file(tmp / WEIGHTS_NAME, data)
+        _write_file(tmp / CONFIG_NAME, config)
+        _fsync_dir(tmp)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+    return given
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    """A hidden name beside ``path`` that says what it is and which process made it."""
+    return path.parent / f".{path.name}.rocoft-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _siblings(path: Path) -> list[tuple[Path, str, int]]:
+    """(entry, 'tmp' or 'old', writer pid) for every sibling a writer of ``path`` made."""
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for entry in path.parent.iterdir():
+        m = _SIBLING.match(entry.name)
+        if m and m["name"] == path.name:
+            found.append((entry, m["kind"], int(m["pid"])))
+    return found
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _recover(path: Path) -> None:
+    """Repair what a writer killed between the fallback's two renames left: ``path`` gone and the previous
+    adapter parked beside it. Put that one back (it is the one known to be complete)."""
+    if os.path.lexists(path):
+        return
+    parked = [e for e, kind, pid in _siblings(path) if kind == "old" and not _pid_alive(pid)]
+    if not parked:
+        return
+    latest = max(parked, key=lambda e: e.stat().st_mtime)
+    try:
+        _rename(latest, path)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"{path} is missing: a save was interrupted and the previous adapter is at {latest}, which could not "
+            f"be moved back ({err.strerror or err}); rename it to {path.name}"
+        ) from None
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temp and parked directories that killed writers of ``path`` left (live writers' are kept)."""
+    for entry, _, pid in _siblings(path):
+        if not _pid_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def check_replaceable(path: Union[str, os.PathLike]) -> None:
+    """Raise unless saving an adapter to ``path`` is allowed: saving replaces the whole directory, so it must
+    not exist, or hold only an adapter's files (never drop the user's). write_adapter checks this; callers
+    that write later (a callback at the end of training) can check early."""
+    path = Path(os.path.realpath(path))
+    if not os.path.lexists(path):
+        return
+    if not path.is_dir():
+        raise ValueError(f"cannot save an adapter to {path}: it exists and is not a directory")
+    others = sorted(
+        e.name for e in path.iterdir() if e.name not in (CONFIG_NAME, WEIGHTS_NAME) and not _OLD_WRITER_TEMP.match(e.name)
+    )
+    if others:
+        raise ValueError(
+            f"cannot save an adapter to {path}: saving replaces the directory as a whole, and it holds files that "
+            f"are not an adapter's: {_some(others, 5)}. Move them, or save the adapter to another directory"
+        )
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0644 under the usual umask
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the directory's entries (new names, renames) durable. Not possible on Windows: skipped."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
         os.close(fd)
-        try:
-            writer(tmp)
-            os.replace(tmp, path / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return path
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path)
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Put the directory ``new`` at ``path`` in one step where the OS allows it; remove what was there."""
+    if not os.path.lexists(path):
+        _rename(new, path)
+        return
+    if _exchange(new, path):  # ``new`` now holds the previous adapter
+        _remove_tree(new)
+        return
+    # No atomic exchange: park the old directory, move the new one in; _recover repairs a kill in between.
+    old = _sibling(path, "old")
+    _rename(path, old)
+    try:
+        _rename(new, path)
+    except BaseException:
+        _rename(old, path)
+        raise
+    _remove_tree(old)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Optional[Any]:
+    if sys.platform != "linux":
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # old kernel or file system
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+# -- saving and loading -----------------------------------------------------------------------------------
 
 
 def config_of(model: nn.Module) -> RoCoFTConfig:
@@ -150,8 +420,9 @@ def config_of(model: nn.Module) -> RoCoFTConfig:
     return config
 
 
-def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
-    """Save only what RoCoFT trained. ``model`` may be the HF model or a LightningModule holding it."""
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, allow_nonfinite: bool = False) -> Path:
+    """Save only what RoCoFT trained. ``model`` may be the HF model or a LightningModule holding it.
+    ``allow_nonfinite``: save NaN / inf values anyway (to inspect a diverged run)."""
     if not rocoft_layers(model):
         if merged_record(model) is not None:
             raise ValueError(
@@ -159,12 +430,14 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
                 "unmerge_rocoft(model) first, or save the merged model with save_pretrained"
             )
         raise ValueError("model has no RoCoFT layers to save")
-    return write_adapter(path, adapter_state_dict(model), adapter_metadata(model, config_of(model)))
+    state = adapter_state_dict(model)
+    return write_adapter(path, state, adapter_metadata(model, config_of(model)), allow_nonfinite=allow_nonfinite)
 
 
 def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata, tensors) with clear errors for missing, corrupt or foreign files."""
     path = Path(path)
+    _recover(Path(os.path.realpath(path)))
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for f in (config_file, weights_file):
         if not f.is_file():
@@ -175,14 +448,28 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], dict[st
         raise ValueError(f"{config_file} is not valid JSON: {err}") from None
     if not isinstance(metadata, dict) or metadata.get("library") != "rocoft_pl":
         raise ValueError(f"{config_file} is not a rocoft_pl adapter config")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_file}: unsupported adapter format_version {metadata.get('format_version')!r}")
+    version = metadata.get("format_version")
+    if version not in READABLE_FORMATS:
+        raise ValueError(
+            f"{config_file}: unsupported adapter format_version {version!r} (this rocoft_pl reads {READABLE_FORMATS}); "
+            "a newer rocoft_pl wrote it?"
+        )
     required = ("config", "base_model", "targets", "trained_biases", "saved_modules", "saved_parameters")
+    required += ("weights_sha256",) if version >= 2 else ()
     absent = [k for k in required if k not in metadata]
     if absent:
         raise ValueError(f"{config_file} lacks the fields {absent}")
+    data = weights_file.read_bytes()
+    if version >= 2:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != metadata["weights_sha256"]:
+            raise ValueError(
+                f"{weights_file} is corrupt or was changed after saving: its sha256 {actual[:16]}... does not match "
+                f"{str(metadata['weights_sha256'])[:16]}... in {CONFIG_NAME} (or the two files come from different "
+                "saves). Save the adapter again"
+            )
     try:
-        tensors = load_file(weights_file)
+        tensors = load_safetensors(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{weights_file} is corrupt or not a safetensors file: {err}") from None
     return metadata, tensors
@@ -196,87 +483,246 @@ def _check_keys(metadata: dict[str, Any], tensors: dict[str, torch.Tensor], wher
         raise ValueError(f"{where / WEIGHTS_NAME}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> RoCoFTReport:
+def _check_tensors(metadata: dict[str, Any], tensors: dict[str, torch.Tensor], config: RoCoFTConfig) -> None:
+    """Indices and deltas agree with each other and with the stored config, independently of any model."""
+    for name, info in metadata["targets"].items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+            raise ValueError(f"adapter target {name!r}: stored shape {shape!r} is not [out_features, in_features]")
+        out_f, in_f = shape
+        idx, delta = tensors[f"{name}.indices"], tensors[f"{name}.delta"]
+        if idx.dtype != torch.int64 or idx.dim() != 1:
+            raise ValueError(
+                f"adapter target {name!r}: indices must be a 1-D int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}"
+            )
+        n = idx.numel()
+        limit = {"row": out_f, "column": in_f, "entries": out_f * in_f}[config.mode]
+        if n == 0 or int(idx.min()) < 0 or int(idx.max()) >= limit:
+            raise ValueError(f"adapter target {name!r}: {config.mode} indices empty or outside [0, {limit}) for a {out_f}x{in_f} weight")
+        if idx.unique().numel() != n:
+            raise ValueError(f"adapter target {name!r}: {config.mode} indices are not unique")
+        if config.mode != "entries" and n != config.rank:
+            raise ValueError(
+                f"adapter target {name!r}: {n} {config.mode} indices, but the stored config says rank {config.rank}: "
+                f"{CONFIG_NAME} and {WEIGHTS_NAME} disagree"
+            )
+        expected = {"row": (n, in_f), "column": (out_f, n), "entries": (n,)}[config.mode]
+        if tuple(delta.shape) != expected or not delta.is_floating_point():
+            raise ValueError(
+                f"adapter target {name!r}: delta shape {tuple(delta.shape)} ({delta.dtype}) does not fit {config.mode} "
+                f"mode with {n} indices on a {out_f}x{in_f} weight (expected floating point {expected})"
+            )
+    for key in list(metadata["trained_biases"]) + list(metadata["saved_parameters"]):
+        if not tensors[key].is_floating_point():
+            raise ValueError(f"adapter tensor {key!r} is {tensors[key].dtype}, not floating point")
+
+
+def load_adapter(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    allow_partial: bool = False,
+    allow_nonfinite: bool = False,
+) -> RoCoFTReport:
     """Re-apply RoCoFT with the stored indices and load deltas, biases and heads. In place.
 
     ``model`` is a fresh base model (or a LightningModule holding it), or one that already carries RoCoFT
-    layers on the same targets (its deltas are then overwritten).
+    layers on the same targets (its deltas are then overwritten); not a merged one. On the meta device the
+    deltas are kept and written when the model is materialised (``reset_parameters`` after ``to_empty``).
+    ``allow_partial``: load the targets that fit a model that differs from the adapter's base, and list the
+    rest in the report (``skipped_targets``, ``unadapted_targets``). ``allow_nonfinite``: load NaN / inf values.
     """
+    if merged_record(model) is not None:
+        raise ValueError(
+            "load_adapter: the model has merged RoCoFT deltas (merge_rocoft); loading would apply an adapter on "
+            "top of them. unmerge_rocoft(model) first, or load onto a fresh base model"
+        )
     path = Path(path)
     metadata, tensors = read_adapter(path)
     config = RoCoFTConfig.from_dict(metadata["config"])
     _check_keys(metadata, tensors, path)
-    backbone = _backbone_for_load(model, metadata)
+    _check_tensors(metadata, tensors, config)
+    bad = _nonfinite(tensors)
+    if bad and not allow_nonfinite:
+        raise ValueError(
+            f"adapter at {path} holds NaN / inf values in {len(bad)} tensors (e.g. {bad[0]!r}); pass "
+            "allow_nonfinite=True to load it anyway (to inspect a diverged run)"
+        )
+    backbone = _backbone_for_load(model, metadata, allow_partial)
     arch = metadata["base_model"]["architecture"]
     if arch and architecture(backbone) != arch:
         raise ValueError(f"adapter at {path} was trained on {arch}, not on {architecture(backbone)}")
+    load, skipped, unadapted = _match_targets(backbone, metadata, tensors, config, allow_partial, path)
 
-    modules = dict(backbone.named_modules())
     params = dict(backbone.named_parameters(remove_duplicate=False))
-    already = rocoft_layers(backbone)
-    if already and set(already) != set(metadata["targets"]):
-        raise ValueError(f"model already has RoCoFT layers on other targets than the adapter at {path}")
-    for name, info in metadata["targets"].items():
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(f"adapter target {name!r} does not exist in {type(backbone).__name__}")
-        base = module.base if isinstance(module, RoCoFTLinear) else module
-        try:
-            shape = list(features(base))
-        except AttributeError:
-            raise ValueError(f"adapter target {name!r} is a {type(base).__name__}, not nn.Linear/Conv1D") from None
-        if shape != info["shape"]:
-            raise ValueError(f"adapter target {name!r}: stored shape {info['shape']} != model shape {shape}")
-        delta, idx = tensors[f"{name}.delta"], tensors[f"{name}.indices"]
-        expected = {"row": (idx.numel(), shape[1]), "column": (shape[0], idx.numel()), "entries": (idx.numel(),)}
-        if tuple(delta.shape) != expected[config.mode]:
-            raise ValueError(f"adapter target {name!r}: delta shape {tuple(delta.shape)} does not fit {config.mode} mode")
-        if isinstance(module, RoCoFTLinear) and module.delta.shape != delta.shape:
-            raise ValueError(f"adapter target {name!r}: delta shape {tuple(delta.shape)} != {tuple(module.delta.shape)}")
+    biases = [k for k in metadata["trained_biases"] if k.rsplit(".base.", 1)[0] in load]
     for key in metadata["saved_parameters"]:
         if key not in params:
             raise ValueError(f"adapter head parameter {key!r} does not exist in {type(backbone).__name__}")
         if params[key].shape != tensors[key].shape:
             raise ValueError(f"adapter head parameter {key!r}: shape {tuple(tensors[key].shape)} != {tuple(params[key].shape)}")
+    on_meta = [k for k in biases + list(metadata["saved_parameters"]) if _stored_param(params, k, backbone).is_meta]
+    if on_meta:
+        raise ValueError(
+            f"load_adapter: the adapter holds trained biases / head weights (e.g. {on_meta[0]!r}) but the model's "
+            "parameters are on the meta device, where they hold no values and materialising overwrites them with the "
+            "base checkpoint. Load the adapter after materialising the model (to_empty + load the base weights)"
+        )
 
+    already = rocoft_layers(backbone)
     if not already:
         heads_config = RoCoFTConfig(**{**config.to_dict(), "modules_to_save": metadata["saved_modules"] or []})
         found = set(find_heads(backbone, heads_config)) if metadata["saved_modules"] else set()
         if found != set(metadata["saved_modules"]):
             raise ValueError(f"adapter heads {metadata['saved_modules']} do not match the model's modules {sorted(found)}")
-        targets_config = RoCoFTConfig(**{**heads_config.to_dict(), "targets": _exact_names(metadata["targets"])})
-        indices = {n: tensors[f"{n}.indices"] for n in metadata["targets"]}
-        apply_rocoft(backbone, targets_config, indices=indices)
+        targets_config = RoCoFTConfig(**{**heads_config.to_dict(), "targets": _exact_names(load)})
+        apply_rocoft(backbone, targets_config, indices={n: tensors[f"{n}.indices"] for n in load})
         backbone._rocoft_config = config
     layers = rocoft_layers(backbone)
     params = dict(backbone.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for name, layer in layers.items():
-            layer.indices.copy_(tensors[f"{name}.indices"].to(layer.indices.device))
-            layer._indices_cpu = tensors[f"{name}.indices"].clone()
-            layer.delta.copy_(tensors[f"{name}.delta"].to(layer.delta))
-        for key in metadata["trained_biases"]:
+        for name in load:
+            layer, idx = layers[name], tensors[f"{name}.indices"]
+            layer.indices.copy_(idx.to(layer.indices.device))
+            layer._indices_cpu = idx.clone()
+            layer.load_delta(tensors[f"{name}.delta"])
+        for key in biases:
             params[key].copy_(tensors[key].to(params[key]))
             params[key].requires_grad_(True)
         for key in metadata["saved_parameters"]:
             params[key].copy_(tensors[key].to(params[key]))
-    return rocoft_report(backbone)
+    report = rocoft_report(backbone)
+    report.skipped_targets, report.unadapted_targets = skipped, unadapted
+    return report
+
+
+def _stored_param(params: dict[str, nn.Parameter], key: str, backbone: nn.Module) -> nn.Parameter:
+    """A stored parameter as the model names it now: a target's bias is stored as <target>.base.bias, and is
+    <target>.bias until the target is wrapped in a RoCoFTLinear."""
+    plain = key[: -len(".base.bias")] + ".bias" if key.endswith(".base.bias") else key
+    param = params.get(key, params.get(plain))
+    if param is None:
+        raise ValueError(f"adapter parameter {key!r} does not exist in {type(backbone).__name__}")
+    return param
+
+
+def _match_targets(
+    backbone: nn.Module,
+    metadata: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    config: RoCoFTConfig,
+    allow_partial: bool,
+    where: Path,
+) -> tuple[list[str], list[str], list[str]]:
+    """(adapter targets to load, adapter targets that do not fit, targets the stored config selects in this
+    model that the adapter has no values for). Unless ``allow_partial``, anything but a full match raises."""
+    modules = dict(backbone.named_modules())
+    already = rocoft_layers(backbone)
+    problems: dict[str, str] = {}
+    for name, info in metadata["targets"].items():
+        module = modules.get(name)
+        base = module.base if isinstance(module, RoCoFTLinear) else module
+        delta_shape = tuple(tensors[f"{name}.delta"].shape)
+        if module is None:
+            problems[name] = f"adapter target {name!r} does not exist in {type(backbone).__name__}"
+        elif not is_supported_base(base):
+            problems[name] = f"adapter target {name!r} is a {type(base).__name__}, not nn.Linear/Conv1D"
+        elif list(features(base)) != info["shape"]:
+            problems[name] = f"adapter target {name!r}: stored shape {info['shape']} != model shape {list(features(base))}"
+        elif already and name not in already:
+            problems[name] = f"adapter target {name!r} is not a RoCoFT layer, while the model has RoCoFT layers elsewhere"
+        elif already and (already[name].mode != config.mode or tuple(already[name].delta.shape) != delta_shape):
+            layer = already[name]
+            problems[name] = (
+                f"adapter target {name!r}: delta shape {delta_shape} ({config.mode}) != the model's RoCoFT layer "
+                f"{tuple(layer.delta.shape)} ({layer.mode})"
+            )
+    load = [n for n in metadata["targets"] if n not in problems]
+    skipped = [n for n in metadata["targets"] if n in problems]
+    selected = set(already) if already else _selected_targets(backbone, config, metadata)
+    unadapted = sorted(selected - set(metadata["targets"])) if selected is not None else []
+    unselected = sorted(set(metadata["targets"]) - selected) if selected is not None else []
+
+    mismatch = []
+    if problems:
+        more = f" (and {len(problems) - 1} more targets)" if len(problems) > 1 else ""
+        mismatch.append(next(iter(problems.values())) + more)
+    if already and (unadapted or unselected):
+        mismatch.append(f"the model already has RoCoFT layers on other targets than the adapter at {where}")
+    elif unadapted or unselected:
+        mismatch.append(
+            f"its config selects {len(selected)} targets in this {type(backbone).__name__}, the adapter has "
+            f"{len(metadata['targets'])}: {len(unadapted)} would stay unadapted {_some(unadapted)}"
+            + (f", {len(unselected)} are not selected here {_some(unselected)}" if unselected else "")
+        )
+    stored = metadata["base_model"].get("fingerprint")
+    if stored is not None:
+        here = base_fingerprint(backbone, metadata["saved_modules"])
+        if here["sha256"] != stored.get("sha256"):
+            mismatch.append(f"the base model differs from the one it was trained on ({_fingerprint_diff(stored, here)})")
+    if mismatch and not allow_partial:
+        raise ValueError(
+            f"adapter at {where} does not fit this model: " + "; ".join(mismatch) + ". Load it onto the base model "
+            "it was trained on, or pass allow_partial=True to load only the targets that fit"
+        )
+    if not load:
+        raise ValueError(f"adapter at {where}: none of its {len(metadata['targets'])} targets fits this model: {mismatch}")
+    return load, skipped, unadapted
+
+
+def _fingerprint_diff(stored: dict[str, Any], here: dict[str, Any]) -> str:
+    a, b = stored.get("sizes", {}), here["sizes"]
+    sizes = [f"{k} {a[k]} there, {b.get(k)} here" for k in a if a[k] != b.get(k)]
+    if sizes:
+        return ", ".join(sizes)
+    if stored.get("parameters") != here["parameters"]:
+        return f"{stored.get('parameters')} parameter tensors there, {here['parameters']} here"
+    return "parameter names or shapes differ"
+
+
+def _selected_targets(backbone: nn.Module, config: RoCoFTConfig, metadata: dict[str, Any]) -> Optional[set[str]]:
+    """The targets the stored config selects in ``backbone`` (on a fresh model), named as the adapter names
+    them; None where that cannot be told (a format 1 adapter with regex targets: no config_prefix)."""
+    prefix = metadata.get("config_prefix")
+    if prefix is None:
+        if isinstance(config.targets, str):
+            return None
+        prefix = ""
+    root: nn.Module = backbone
+    if prefix:
+        # The regex matched names relative to the module apply_rocoft ran on: rebuild that naming around
+        # the backbone in a throwaway holder (the backbone itself is not changed).
+        root = holder = nn.Module()
+        *outer, last = prefix[:-1].split(".")
+        for segment in outer:
+            holder.add_module(segment, nn.Module())
+            holder = getattr(holder, segment)
+        holder.add_module(last, backbone)
+    try:
+        found = find_targets(root, config, [prefix + h for h in metadata["saved_modules"]])
+    except ValueError:
+        return set()
+    return {n[len(prefix):] for n in found if n.startswith(prefix)}
 
 
 def _exact_names(names: Any) -> str:
     """A regex that matches exactly these module names."""
-    import re
-
     return "|".join(re.escape(n) for n in names)
 
 
-def _backbone_for_load(model: nn.Module, metadata: dict[str, Any]) -> nn.Module:
-    """The module the adapter's names are relative to: ``model`` or the HF model inside it."""
-    names = set(dict(model.named_modules()))
-    if set(metadata["targets"]) <= names:
-        return model
-    for module in model.modules():
-        if module is not model and _is_hf_model(module) and set(metadata["targets"]) <= set(dict(module.named_modules())):
+def _backbone_for_load(model: nn.Module, metadata: dict[str, Any], allow_partial: bool = False) -> nn.Module:
+    """The module the adapter's names are relative to: ``model`` or the HF model inside it (with
+    ``allow_partial``: the one holding most of the targets)."""
+    targets = set(metadata["targets"])
+    candidates = [model] + [m for m in model.modules() if m is not model and _is_hf_model(m)]
+    overlap = [len(targets & set(dict(m.named_modules()))) for m in candidates]
+    for module, n in zip(candidates, overlap):
+        if n == len(targets):
             return module
-    missing = sorted(set(metadata["targets"]) - names)[:3]
-    raise ValueError(f"adapter targets such as {missing} do not exist in {type(model).__name__}")
+    if allow_partial and max(overlap) > 0:
+        return candidates[overlap.index(max(overlap))]
+    missing = sorted(targets - set(dict(model.named_modules())))[:3]
+    raise ValueError(
+        f"adapter targets such as {missing} do not exist in {type(model).__name__}: load it onto the base model "
+        "it was trained on, or pass allow_partial=True to load the targets that exist"
+    )

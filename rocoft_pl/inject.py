@@ -1,7 +1,8 @@
 """apply_rocoft / merge_rocoft: find targets and heads, swap in RoCoFTLinear, freeze the rest, report.
 
 apply_rocoft validates everything (targets, ranks, calibration, indices) before it touches the model, so a
-failure leaves the model exactly as it was.
+failure leaves the model exactly as it was. merge_rocoft keeps a stack of records (one per call), so
+apply -> merge -> apply -> merge can be undone step by step by unmerge_rocoft, bit-exactly.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ class RoCoFTReport:
     head_params: int = 0
     other_trainable_params: int = 0
     base_params: int = 0
+    # load_adapter(allow_partial=True) only: adapter targets it did not load (absent or shaped differently
+    # in this model), and targets the adapter's config selects in this model that it has no values for.
+    skipped_targets: list[str] = field(default_factory=list)
+    unadapted_targets: list[str] = field(default_factory=list)
 
     @property
     def trainable_params(self) -> int:
@@ -126,16 +131,23 @@ class RoCoFTReport:
             "trainable_params": self.trainable_params,
             "base_params": self.base_params,
             "trainable_percent": self.percent(self.trainable_params),
+            "skipped_targets": list(self.skipped_targets),
+            "unadapted_targets": list(self.unadapted_targets),
             "modules": [vars(m) for m in self.modules],
         }
 
-    def __str__(self) -> str:
+    def table(self) -> str:
+        """One row per adapted module: name, kind, shape, mode, rows/columns selected, trainable."""
         width = max([len(m.name) for m in self.modules] + [6])
         lines = [f"{'module':<{width}}  kind    shape (out x in)  mode     selected  trainable"]
         for m in self.modules:
             shape = f"{m.out_features} x {m.in_features}"
             lines.append(f"{m.name:<{width}}  {m.kind:<6}  {shape:<16}  {m.mode:<7}  {m.selected:>8}  {m.trainable:>9,}")
-        lines.append("")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """The counts (RoCoFT, bias, head, other, trainable) and any targets an adapter load skipped."""
+        lines = []
         for label, n in (
             ("RoCoFT", self.rocoft_params),
             ("bias", self.bias_params),
@@ -145,7 +157,20 @@ class RoCoFTReport:
         ):
             if n or label in ("RoCoFT", "trainable"):
                 lines.append(f"{label + ' parameters:':<24}{n:>14,}  ({self.percent(n):.4f}% of {self.base_params:,})")
+        if self.skipped_targets:
+            lines.append(f"skipped {len(self.skipped_targets)} adapter targets that do not fit this model: "
+                         f"{_some(self.skipped_targets)}")
+        if self.unadapted_targets:
+            lines.append(f"{len(self.unadapted_targets)} targets the adapter's config selects here have no adapter "
+                         f"values and stay plain: {_some(self.unadapted_targets)}")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return f"{self.table()}\n\n{self.summary()}"
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" ... (+{len(names) - n})" if len(names) > n else "")
 
 
 def rocoft_report(model: nn.Module) -> RoCoFTReport:
@@ -247,8 +272,9 @@ def apply_rocoft(
     return rocoft_report(model)
 
 
-# Where merge_rocoft keeps the merged wrappers (deltas, indices, W0's original entries) for unmerge_rocoft:
-# in the model's __dict__, not as a submodule, so state_dict and save_pretrained do not see them.
+# Where merge_rocoft keeps its records for unmerge_rocoft: a list (a stack, one entry per merge) of the merged
+# wrappers by name (deltas, indices, W0's original entries), in the model's __dict__, not as a submodule,
+# so state_dict and save_pretrained do not see them.
 MERGED_LAYERS = "_rocoft_merged_layers"
 
 
@@ -257,43 +283,74 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
 
     The result has no RoCoFT modules, so ``save_pretrained`` works and inference costs nothing extra.
     ``unmerge_rocoft`` undoes it (W0 restored bit-exactly) while this model object lives; from a saved
-    merged checkpoint, load the adapter onto the base model instead.
+    merged checkpoint, load the adapter onto the base model instead. Merging again after another
+    ``apply_rocoft`` pushes a second record: each ``unmerge_rocoft`` undoes the latest merge.
     """
-    merged = model.__dict__.setdefault(MERGED_LAYERS, {})
-    for name, layer in rocoft_layers(model).items():
+    layers = rocoft_layers(model)
+    if not layers:
+        return model
+    record = merged_record(model)
+    if record is not None and record[0] is not model:
+        # One stack per model keeps the merges in order; two (here and in a submodule) would not.
+        inner = next(n for n, m in model.named_modules() if m is record[0])
+        raise ValueError(
+            f"merge_rocoft: the submodule {inner!r} holds earlier merges (merge_rocoft was called on it); "
+            f"call merge_rocoft on that submodule, so one record keeps the merges in order"
+        )
+    merged = {}
+    for name, layer in layers.items():
         model.set_submodule(name, layer.merge())
         merged[name] = layer
+    model.__dict__.setdefault(MERGED_LAYERS, []).append(merged)
     return model
 
 
 def merged_record(model: nn.Module) -> Optional[tuple[nn.Module, dict[str, RoCoFTLinear]]]:
-    """(the module merge_rocoft was called on, its merged wrappers by name), searched in ``model`` and its
-    submodules (a LightningModule holding the merged model), or None if nothing was merged."""
+    """(the module merge_rocoft was called on, the wrappers of its latest merge by name), searched in
+    ``model`` and its submodules (a LightningModule holding the merged model), or None if nothing is merged."""
     for module in model.modules():
-        merged = module.__dict__.get(MERGED_LAYERS)
-        if merged:
-            return module, merged
+        stack = module.__dict__.get(MERGED_LAYERS)
+        if stack:
+            return module, stack[-1]
     return None
 
 
-def unmerge_rocoft(model: nn.Module) -> nn.Module:
-    """Undo ``merge_rocoft``: W0's selected entries restored from the copies taken at merge time (exact),
-    the RoCoFT layers put back with their deltas, ready to train or save again. In place; ``model`` may also
-    hold the merged model (a LightningModule)."""
+def unmerge_rocoft(model: nn.Module, *, discard_later: bool = False) -> nn.Module:
+    """Undo the latest ``merge_rocoft``: W0's selected entries restored from the copies taken at merge time
+    (exact), the RoCoFT layers put back with their deltas, ready to train or save again. In place; ``model``
+    may also hold the merged model (a LightningModule).
+
+    After apply -> merge -> apply -> merge, the first call brings back the second adapter's layers (over
+    W0 + D1), the next one W0 and the first adapter's layers. That second step replaces the second adapter's
+    layers, whose deltas were trained on the merged weights: it refuses unless ``discard_later=True``
+    (``save_adapter`` them first to keep them).
+    """
     record = merged_record(model)
     if record is None:
         raise ValueError("unmerge_rocoft: this model has no layers merged by merge_rocoft")
     holder, merged = record
+    later = []
     for name, layer in merged.items():  # check everything before changing anything
         try:
             current = holder.get_submodule(name)
         except AttributeError:
             current = None
-        if current is not layer.base:
+        if isinstance(current, RoCoFTLinear) and current.base is layer.base and not current.merged:
+            later.append(name)  # applied on top of this merge after it
+        elif current is not layer.base:
             raise ValueError(f"unmerge_rocoft: {name!r} is no longer the layer merge_rocoft left there")
+    if later and not discard_later:
+        raise ValueError(
+            f"unmerge_rocoft: {len(later)} layers merged earlier now hold RoCoFT layers applied after that merge "
+            f"(e.g. {later[0]!r}); their deltas were trained on the merged weights and undoing the merge "
+            "discards them. save_adapter(model) first if you need them, then unmerge_rocoft(model, discard_later=True)"
+        )
     for name, layer in merged.items():
         holder.set_submodule(name, layer.unmerge().to(layer.base.weight.device))
-    del holder.__dict__[MERGED_LAYERS]
+    stack = holder.__dict__[MERGED_LAYERS]
+    stack.pop()
+    if not stack:
+        del holder.__dict__[MERGED_LAYERS]
     return model
 
 

@@ -141,6 +141,18 @@ class _ColumnDeltaLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_delta, None, None
 
 
+def _copy_full(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into ``dst``, which may be an FSDP2 shard (a DTensor): every rank holds ``full``, so
+    each keeps its own part, without communication."""
+    if hasattr(dst, "device_mesh") and hasattr(dst, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.copy_(full)
+    else:
+        dst.copy_(full.to(dst))
+
+
 class RoCoFTLinear(nn.Module):
     """Wraps an ``nn.Linear`` or ``Conv1D``; only ``delta`` trains, ``indices`` is a persistent buffer.
 
@@ -170,6 +182,8 @@ class RoCoFTLinear(nn.Module):
         self.transposed = is_conv1d(base)
         # A CPU copy survives to_empty() on the meta device; reset_parameters() restores the buffer from it.
         self._indices_cpu = indices.clone()
+        # Values load_adapter could not write because the delta was on the meta device (see load_delta).
+        self._loaded_delta: Optional[torch.Tensor] = None
         weight = base.weight
         self.register_buffer("indices", indices.to(weight.device), persistent=True)
         self.delta = nn.Parameter(self._zero_delta(weight.dtype, weight.device))
@@ -195,11 +209,25 @@ class RoCoFTLinear(nn.Module):
         return self.base.bias
 
     def reset_parameters(self) -> None:
-        """Zero delta and restore indices (used after meta-device materialisation)."""
+        """Restore the indices and the delta after meta-device materialisation (``to_empty``): the delta is
+        zero, or what ``load_delta`` was given while on the meta device."""
         with torch.no_grad():
-            self.delta.zero_()
+            if self._loaded_delta is None:
+                self.delta.zero_()
+            else:
+                _copy_full(self.delta, self._loaded_delta)
             self.indices.copy_(self._indices_cpu.to(self.indices.device))
         self.merged = False
+
+    @torch.no_grad()
+    def load_delta(self, delta: torch.Tensor) -> None:
+        """Set the delta from a full (CPU) tensor. On the meta device there is no memory to hold it, so it is
+        kept and written by ``reset_parameters()``, which materialising code runs after ``to_empty``."""
+        if self.delta.is_meta:
+            self._loaded_delta = delta.detach().to("cpu").clone()
+        else:
+            self._loaded_delta = None
+            _copy_full(self.delta, delta)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,5 +1,6 @@
 """save_adapter / load_adapter: round trips, file contents, and every bad input with the model untouched."""
 
+import hashlib
 import json
 
 import pytest
@@ -92,22 +93,30 @@ def corrupt_json(path):
     (path / "adapter_config.json").write_text("{not json")
 
 
+def resave(path, tensors):
+    """Rewrite the weights and their checksum: a consistent adapter whose contents are wrong."""
+    save_file(tensors, path / "adapter_model.safetensors")
+    meta = json.loads((path / "adapter_config.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+    (path / "adapter_config.json").write_text(json.dumps(meta))
+
+
 def drop_key(path):
     t = load_file(path / "adapter_model.safetensors")
     t.pop("bert.encoder.layer.1.output.dense.delta")
-    save_file(t, path / "adapter_model.safetensors")
+    resave(path, t)
 
 
 def add_key(path):
     t = load_file(path / "adapter_model.safetensors")
     t["surprise.delta"] = torch.zeros(1)
-    save_file(t, path / "adapter_model.safetensors")
+    resave(path, t)
 
 
 def bad_delta_shape(path):
     t = load_file(path / "adapter_model.safetensors")
     t["bert.encoder.layer.0.attention.self.query.delta"] = torch.zeros(3, 16)
-    save_file(t, path / "adapter_model.safetensors")
+    resave(path, t)
 
 
 def missing_file(path):

@@ -207,7 +207,7 @@ def test_unmerge_errors_leave_the_model_unchanged():
         unmerge_rocoft(model)
     apply_rocoft(model, RoCoFTConfig(rank=1))
     merge_rocoft(model)
-    names = list(model.__dict__["_rocoft_merged_layers"])
+    names = list(model.__dict__["_rocoft_merged_layers"][-1])
     replaced = names[-1]
     model.set_submodule(replaced, torch.nn.Linear(2, 2))
     weights = {n: model.get_submodule(n).weight.clone() for n in names[:-1]}
@@ -222,3 +222,60 @@ def test_entries_mode_counts_about_p_of_each_matrix():
     report = apply_rocoft(model, RoCoFTConfig(mode="entries", selection="random", p=0.25))
     total = sum(l.out_features * l.in_features for l in rocoft_layers(model).values())
     assert 0.2 < report.rocoft_params / total < 0.3
+
+
+def perturbed(model, config):
+    apply_rocoft(model, config)
+    with torch.no_grad():
+        for layer in rocoft_layers(model).values():
+            layer.delta.normal_(std=0.1)
+    return {n: l.delta.detach().clone() for n, l in rocoft_layers(model).items()}
+
+
+def weights(model):
+    return {n.replace(".base.", "."): p.detach().clone() for n, p in model.named_parameters() if not n.endswith(".delta")}
+
+
+@pytest.mark.parametrize("mode", ["row", "column", "entries"])
+def test_two_merges_with_an_apply_between_are_undone_one_by_one_exactly(mode):
+    """apply -> merge -> apply -> merge -> unmerge -> unmerge: both records are kept (a stack)."""
+    model = tiny_bert()
+    w0 = weights(model)
+    extra = dict(selection="random", p=0.2) if mode == "entries" else {}
+    d1 = perturbed(model, RoCoFTConfig(mode=mode, rank=2, seed=1, **extra))
+    b = {k: v for k, v in batch().items() if k != "labels"}
+    out1 = model(**b).logits
+    merge_rocoft(model)
+    w1 = weights(model)  # W0 + D1
+    d2 = perturbed(model, RoCoFTConfig(mode=mode, rank=3, seed=2, targets=["query", "value"], **extra))
+    out2 = model(**b).logits
+    merge_rocoft(model)
+
+    unmerge_rocoft(model)  # the second adapter's layers are back, over W0 + D1 exactly
+    assert all(torch.equal(weights(model)[n], w) for n, w in w1.items())
+    assert {n: l.delta for n, l in rocoft_layers(model).items()}.keys() == d2.keys()
+    assert all(torch.equal(l.delta, d2[n]) for n, l in rocoft_layers(model).items())
+    torch.testing.assert_close(model(**b).logits, out2)
+
+    with pytest.raises(ValueError, match=r"applied after that merge.*discard_later=True"):
+        unmerge_rocoft(model)  # would replace the second adapter's layers
+    unmerge_rocoft(model, discard_later=True)  # W0 and the first adapter's layers
+    assert all(torch.equal(weights(model)[n], w) for n, w in w0.items())
+    assert all(torch.equal(l.delta, d1[n]) for n, l in rocoft_layers(model).items())
+    assert rocoft_layers(model).keys() == d1.keys()
+    torch.testing.assert_close(model(**b).logits, out1)
+    assert "_rocoft_merged_layers" not in model.__dict__
+    with pytest.raises(ValueError, match="no layers merged"):
+        unmerge_rocoft(model)
+
+
+def test_merging_again_on_the_holder_of_an_inner_merge_is_refused():
+    holder = torch.nn.Module()
+    holder.model = tiny_bert()
+    apply_rocoft(holder.model, RoCoFTConfig(rank=1))
+    merge_rocoft(holder.model)
+    apply_rocoft(holder, RoCoFTConfig(rank=1, targets=["query"]))
+    with pytest.raises(ValueError, match=r"submodule 'model' holds earlier merges.*merge_rocoft on that submodule"):
+        merge_rocoft(holder)
+    merge_rocoft(holder.model)  # one stack: fine
+    assert len(holder.model.__dict__["_rocoft_merged_layers"]) == 2
