@@ -4,26 +4,65 @@ Lightning runs ``Callback.setup`` after the datamodule's setup and before ``conf
 restore, strategy wrapping (DDP/FSDP) and ``configure_optimizers``, so the callback adapts the model there.
 A backbone that only appears in ``configure_model`` is adapted right after that hook instead, still before
 the strategy wraps it. Indices are persistent buffers, so resuming from a checkpoint restores them.
+
+One class serves both Lightning namespaces: ``RoCoFT`` subclasses ``lightning.pytorch.Callback`` and, when the
+standalone ``pytorch_lightning`` package is importable (lightning installs it), ``pytorch_lightning.Callback``
+too, so either Trainer, and either ``LightningCLI`` (``class_path: rocoft_pl.RoCoFT``), accepts it. Nothing
+here calls a namespace's own helpers on the user's module (``is_overridden`` refuses the other namespace's
+modules with "Expected a parent").
+
+Messages go to the ``rocoft_pl`` logger (info: the parameter summary and where the adapter went; debug: the
+per-layer table, or info with ``print_layers=True``), from global rank 0 only.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning_utilities.core.overrides import is_overridden as _is_overridden_against
 
-from .adapter import adapter_metadata, adapter_state_dict, config_of, hf_model_in, load_adapter, write_adapter
+from .adapter import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    adapter_metadata,
+    adapter_state_dict,
+    check_finite,
+    check_replaceable,
+    config_of,
+    hf_model_in,
+    load_adapter,
+    write_adapter,
+)
 from .config import Mode, RoCoFTConfig, Selection
 from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, rocoft_layers
 
+try:  # the standalone package of the same code (lightning depends on it); ~0.07 s once lightning is imported
+    import pytorch_lightning as _ptl
 
-class RoCoFT(pl.Callback):
+    _CALLBACK_BASES: tuple[type, ...] = (pl.Callback, _ptl.Callback)
+except ImportError:  # pragma: no cover - lightning installs pytorch_lightning
+    _CALLBACK_BASES = (pl.Callback,)
+
+_LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning")
+
+# Like Lightning's own logger: info level, and a stderr handler unless the application configured logging.
+log = logging.getLogger("rocoft_pl")
+if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
+if not logging.getLogger().hasHandlers() and not log.handlers:
+    log.addHandler(logging.StreamHandler())
+    log.propagate = False
+
+
+class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
     """Apply RoCoFT to the LightningModule on setup.
 
     Args:
@@ -36,10 +75,15 @@ class RoCoFT(pl.Callback):
         train_bias: also train the biases of the adapted layers.
         modules_to_save: modules trained fully (None: auto-detect the task head).
         calibration_batches: Wanda: how many training batches to score activations on.
-        adapter_dir: save the adapter here when fit ends (rank 0 writes).
-        load_adapter_from: instead of selecting, load this adapter (for validate / test / predict).
+        adapter_dir: save the adapter here when fit ends (rank 0 writes). Checked in setup, before training:
+            it (or, when missing, its nearest existing parent) must be a writable directory.
+        load_adapter_from: instead of selecting, load this adapter (for validate / test / predict): a
+            directory with readable adapter_config.json and adapter_model.safetensors.
         adapter_only_checkpoint: Lightning checkpoints keep only the trained tensors and indices
             (KB to MB instead of the whole model); resuming needs the same base weights.
+        print_layers: log the per-layer table (module, shape, rows/columns selected, trainable) at info
+            level; by default only the summary lines are (the table goes to the ``rocoft_pl`` logger's
+            debug level).
     """
 
     def __init__(
@@ -56,6 +100,7 @@ class RoCoFT(pl.Callback):
         adapter_dir: Optional[str] = None,
         load_adapter_from: Optional[str] = None,
         adapter_only_checkpoint: bool = False,
+        print_layers: bool = False,
     ) -> None:
         super().__init__()
         self.config = RoCoFTConfig(
@@ -70,20 +115,28 @@ class RoCoFT(pl.Callback):
         )
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
-        if load_adapter_from is not None and not Path(load_adapter_from).is_dir():
-            raise FileNotFoundError(f"load_adapter_from: no adapter directory at {load_adapter_from}")
+        if load_adapter_from is not None:
+            if not Path(load_adapter_from).is_dir():
+                raise FileNotFoundError(f"load_adapter_from: no adapter directory at {load_adapter_from}")
+            _check_adapter_files(load_adapter_from, read=False)
         self.calibration_batches = calibration_batches
         self.adapter_dir = adapter_dir
         self.load_adapter_from = load_adapter_from
         self.adapter_only_checkpoint = adapter_only_checkpoint
+        self.print_layers = print_layers
         self.report: Optional[RoCoFTReport] = None
 
     # -- applying ---------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Paths first: a bad adapter_dir must fail now, not after training, when the adapter would be lost.
+        if stage == "fit" and self.adapter_dir is not None:
+            self._check_adapter_dir(trainer)
+        if self.load_adapter_from is not None:
+            _check_adapter_files(self.load_adapter_from, read=True)  # every rank reads it
         if rocoft_layers(pl_module) or getattr(pl_module, "_rocoft_deferred", False):
             return  # idempotent: setup runs again for validate / test / predict
         self._guard_checkpoint_loading(pl_module)
-        if self._has_targets(pl_module) or not is_overridden("configure_model", pl_module):
+        if self._has_targets(pl_module) or not _overrides(pl_module, "configure_model"):
             self._apply(trainer, pl_module, stage)
             return
         # The backbone is built lazily: adapt it right after the module's own configure_model.
@@ -126,7 +179,25 @@ class RoCoFT(pl.Callback):
             pl_module._rocoft_config = self.config  # the placeholder selection above is not what we trained
         if self.adapter_only_checkpoint:
             pl_module.strict_loading = False
-        rank_zero_info(f"RoCoFT ({self._describe()}):\n{self.report}")
+        if trainer.is_global_zero:
+            report, layers = self.report, len(self.report.modules)
+            log.info("RoCoFT (%s) on %d layers:\n%s", self._describe(), layers, report.summary())
+            log.log(logging.INFO if self.print_layers else logging.DEBUG, "%s", report.table())
+
+    def _check_adapter_dir(self, trainer: pl.Trainer) -> None:
+        """Rank 0 checks that the adapter can be written there (a writable place, and no files of the user's
+        that replacing the directory would drop); every rank raises its verdict (a collective)."""
+        error: Optional[Exception] = None
+        if trainer.is_global_zero:
+            try:
+                check_writable_dir(self.adapter_dir)  # type: ignore[arg-type]
+                check_replaceable(self.adapter_dir)  # type: ignore[arg-type]
+            except (OSError, ValueError) as err:
+                error = err
+        if trainer.world_size > 1:
+            error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise error
 
     def _describe(self) -> str:
         c = self.config
@@ -135,9 +206,9 @@ class RoCoFT(pl.Callback):
 
     @staticmethod
     def _train_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        if trainer.datamodule is not None and is_overridden("train_dataloader", trainer.datamodule):
+        if trainer.datamodule is not None and _overrides(trainer.datamodule, "train_dataloader"):
             return trainer.datamodule.train_dataloader()
-        if is_overridden("train_dataloader", pl_module):
+        if _overrides(pl_module, "train_dataloader"):
             return pl_module.train_dataloader()
         source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
         if source is not None and source.is_defined():
@@ -151,9 +222,10 @@ class RoCoFT(pl.Callback):
         # Every rank gathers (FSDP2 shards are DTensors); only rank 0 writes.
         state = adapter_state_dict(pl_module)
         metadata = adapter_metadata(pl_module, config_of(pl_module))
+        check_finite(state)  # on every rank (the state is gathered): a diverged run fails everywhere, no hang
         if trainer.is_global_zero:
             write_adapter(self.adapter_dir, state, metadata)
-            rank_zero_info(f"RoCoFT adapter saved to {self.adapter_dir}")
+            log.info("RoCoFT adapter saved to %s", self.adapter_dir)
         trainer.strategy.barrier("rocoft_adapter_saved")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -185,6 +257,60 @@ class RoCoFT(pl.Callback):
     @property
     def parameter_report(self) -> Optional[RoCoFTReport]:
         return self.report
+
+
+def check_writable_dir(path: Union[str, os.PathLike]) -> None:
+    """Raise an OSError naming ``path`` unless an adapter can be saved there: ``path`` (symlinks resolved, as
+    write_adapter does) is a directory that it and its parent allow writing in (the adapter is written beside
+    it and swapped in), or does not exist yet and its nearest existing parent is a writable directory. Probe
+    directories are made and removed again; nothing is created or left behind."""
+    given = Path(path)
+    real = Path(os.path.realpath(given))
+    target = real
+    while not target.exists():
+        target = target.parent
+    if not target.is_dir():
+        what = "exists and is not a directory"
+        if target != real:
+            what = f"cannot be created: {target} is not a directory"
+        raise NotADirectoryError(f"RoCoFT adapter_dir {given} {what}")
+    for where in (target.parent, target) if target == real else (target,):
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=where, prefix=".rocoft-write-check-"))
+        except OSError as err:
+            raise type(err)(f"RoCoFT adapter_dir {given}: cannot write in {where} ({err.strerror or err})") from None
+
+
+def _check_adapter_files(path: Union[str, os.PathLike], read: bool) -> None:
+    """load_adapter_from must hold both adapter files; with ``read``, they must open (read 1 byte)."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        f = Path(path) / name
+        if not f.is_file():
+            raise FileNotFoundError(f"load_adapter_from: {path} has no {name} (not a saved RoCoFT adapter?)")
+        if read:
+            try:
+                with open(f, "rb") as handle:
+                    handle.read(1)
+            except OSError as err:
+                raise type(err)(f"load_adapter_from: cannot read {f} ({err.strerror or err})") from None
+
+
+def _overrides(obj: Any, method: str) -> bool:
+    """Whether ``obj`` (a LightningModule or LightningDataModule of either namespace) implements ``method``
+    itself instead of inheriting Lightning's default. Lightning's ``is_overridden`` only knows its own
+    namespace and raises "Expected a parent" for the other's modules."""
+    parent = next(
+        (
+            k
+            for k in type(obj).__mro__
+            if k.__name__ in ("LightningModule", "LightningDataModule")
+            and k.__module__.split(".")[0] in _LIGHTNING_PACKAGES
+        ),
+        None,
+    )
+    if parent is None:  # not a Lightning class: anything callable counts
+        return callable(getattr(obj, method, None))
+    return _is_overridden_against(method, obj, parent)
 
 
 def _use_rank_zero_indices(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -10,12 +10,21 @@ datamodule's ``num_labels`` is the model's, so the classes chosen must have thes
 yours works with the RoCoFT callback; use Lightning's own LightningCLI for one without them). After ``predict``, a
 datamodule with ``write_predictions(predictions, output_dir)`` writes its files into the run's log dir.
 Runs are seeded (``seed_everything: 42`` unless the config says otherwise).
+
+A bad input (a missing data file, a value a class refuses) ends with one line, ``rocoft: error: <cause>``,
+exit status 1, and the path of a file holding the full traceback; ``ROCOFT_VERBOSE=1`` (or ``rocoft --verbose
+fit ...``, before the subcommand) prints the traceback instead. jsonargparse's usage errors (unknown keys,
+values of the wrong type) keep their own short message and status 2.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -53,8 +62,86 @@ class RoCoFTCLI(LightningCLI):
         return predictions
 
 
+VERBOSE_ENV = "ROCOFT_VERBOSE"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a bad config, path or value raises: reported in one line. Anything else is a bug: full traceback."""
+    errors: list[type[BaseException]] = [OSError, ValueError, TypeError, KeyError]
+    try:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        errors.append(MisconfigurationException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _take_verbose_flag(args: Any) -> tuple[Any, bool]:
+    """Remove ``--verbose`` when it comes before the subcommand (after it, it is ``validate``'s own flag)."""
+    if args is not None and not isinstance(args, (list, tuple)):  # a dict or Namespace of arguments
+        return args, False
+    argv = list(sys.argv[1:] if args is None else args)
+    for i, arg in enumerate(argv):
+        if arg in SUBCOMMANDS:
+            break
+        if arg == "--verbose":
+            return argv[:i] + argv[i + 1:], True
+    return args, False
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost explicitly chained cause (``raise ... from``) that still says something: jsonargparse wraps
+    a class's own error in "Does not validate against any of the Union subtypes", Lightning may wrap too."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen and str(err.__cause__):
+        err = err.__cause__
+        seen.add(id(err))
+    return err
+
+
+def error_message(err: BaseException, max_lines: int = 6) -> str:
+    """The root cause's message, short: a DataLoader worker's embedded traceback is cut to its last line."""
+    cause = root_cause(err)
+    message = str(cause).strip()
+    if not isinstance(cause, (OSError, ValueError, TypeError)) or not message:
+        message = f"{type(cause).__name__}: {message}".rstrip(": ")
+    if "Original Traceback" in message:  # torch re-raises a worker's error with the worker's traceback inside
+        head, _, tail = message.partition("Original Traceback")
+        message = f"{head.strip()} {tail.strip().splitlines()[-1]}"
+    lines = message.splitlines()
+    if len(lines) > max_lines:
+        message = "\n".join(lines[:max_lines] + ["  (...)"])
+    return message
+
+
+def _write_traceback(err: BaseException, args: Any) -> Optional[str]:
+    """The full traceback, in a temporary file (the run's log dir may not exist yet); its path, or None."""
+    argv = sys.argv[1:] if args is None else args
+    try:
+        fd, path = tempfile.mkstemp(prefix="rocoft-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"rocoft {' '.join(map(str, argv)) if isinstance(argv, (list, tuple)) else argv}\n\n")
+            f.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+        return path
+    except OSError:
+        return None
+
+
 def main(args: Any = None) -> None:
-    RoCoFTCLI(args=args)
+    args, verbose = _take_verbose_flag(args)
+    verbose = verbose or os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
+    try:
+        RoCoFTCLI(args=args)
+    except _user_errors() as err:
+        if verbose:
+            raise
+        log = _write_traceback(err, args)
+        where = f"full traceback in {log}; " if log else ""
+        print(f"rocoft: error: {error_message(err)}", file=sys.stderr)
+        print(f"({where}rerun with {VERBOSE_ENV}=1 or `rocoft --verbose ...` to print it)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """The RoCoFT Lightning callback in one process: fit, resume, idempotence, lazy backbones, checkpoints."""
 
+import logging
+import re
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -151,3 +155,142 @@ def test_bad_callback_arguments():
 def test_targets_matching_nothing_fail_at_setup(tmp_path):
     with pytest.raises(ValueError, match="match nothing"):
         trainer(tmp_path, RoCoFT(targets=["nope"])).fit(Classifier(), loader())
+
+
+# -- paths are checked in setup, before any training step ------------------------------------------------------
+class CountingClassifier(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.steps_run = 0
+
+    def training_step(self, batch, i):
+        self.steps_run += 1
+        return super().training_step(batch, i)
+
+
+def _unwritable_adapter_dirs(tmp_path):
+    """Paths no adapter can be written to, even as root (tests run as root, where chmod stops nothing)."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a regular file")
+    cases = {
+        "under a file": (blocker / "adapter", "file.txt is not a directory"),
+        "is a file": (blocker, "exists and is not a directory"),
+    }
+    if Path("/proc").is_dir():
+        cases["in /proc"] = (Path("/proc/rocoft-test/adapter"), "cannot write in /proc")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["under a file", "is a file", "in /proc"])
+def test_unwritable_adapter_dir_fails_in_setup_before_training(tmp_path, case):
+    cases = _unwritable_adapter_dirs(tmp_path)
+    if case not in cases:
+        pytest.skip("no /proc here")
+    path, words = cases[case]
+    before = sorted(tmp_path.rglob("*"))
+    module = CountingClassifier()
+    t = trainer(tmp_path, RoCoFT(rank=2, adapter_dir=str(path)))
+    with pytest.raises(OSError, match=f"adapter_dir {re.escape(str(path))}.*{re.escape(words)}"):
+        t.fit(module, loader())
+    assert module.steps_run == 0 and t.global_step == 0
+    assert not rocoft_layers(module)  # failed before RoCoFT touched the model
+    assert sorted(tmp_path.rglob("*")) == before  # no probe left behind
+
+
+def test_adapter_dir_holding_other_files_fails_in_setup_before_training(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "notes.txt").write_text("the user's own file, which replacing the directory would drop")
+    module = CountingClassifier()
+    t = trainer(tmp_path, RoCoFT(rank=2, adapter_dir=str(tmp_path / "adapter")))
+    with pytest.raises(ValueError, match="notes.txt"):
+        t.fit(module, loader())
+    assert module.steps_run == 0 and not rocoft_layers(module)
+
+
+def test_a_diverged_run_is_not_saved_and_says_why(tmp_path):
+    class Diverging(Classifier):
+        def on_train_end(self):
+            with torch.no_grad():
+                next(iter(rocoft_layers(self).values())).delta.fill_(float("nan"))
+
+    t = trainer(tmp_path, RoCoFT(rank=2, adapter_dir=str(tmp_path / "adapter")))
+    with pytest.raises(ValueError, match="NaN / inf.*diverged"):
+        t.fit(Diverging(), loader())
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_adapter_dir_check_creates_and_leaves_nothing(tmp_path):
+    from rocoft_pl.callback import check_writable_dir
+
+    check_writable_dir(tmp_path / "not" / "yet" / "there")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "existing").mkdir()
+    check_writable_dir(tmp_path / "existing")
+    assert [p.name for p in tmp_path.rglob("*")] == ["existing"]
+
+
+def test_load_adapter_from_needs_both_adapter_files(tmp_path):
+    module = Classifier()
+    trainer(tmp_path, RoCoFT(rank=2, adapter_dir=str(tmp_path / "a"))).fit(module, loader())
+    (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(FileNotFoundError, match="has no adapter_model.safetensors"):
+        RoCoFT(load_adapter_from=str(tmp_path / "a"))
+
+
+def test_load_adapter_from_is_checked_again_in_setup(tmp_path):
+    module = Classifier()
+    trainer(tmp_path, RoCoFT(rank=2, adapter_dir=str(tmp_path / "a"))).fit(module, loader())
+    cb = RoCoFT(load_adapter_from=str(tmp_path / "a"))
+    (tmp_path / "a" / "adapter_config.json").unlink()  # gone between construction and use
+    evaluated = Classifier()
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        trainer(tmp_path, cb).validate(evaluated, loader())
+    assert not rocoft_layers(evaluated)
+
+
+# -- the report: summary lines by default, the per-layer table on request --------------------------------------
+@pytest.fixture
+def rocoft_log():
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger("rocoft_pl")
+    level = logger.level
+    logger.addHandler(handler)
+    yield logger, records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+TABLE_HEADER = "shape (out x in)"
+
+
+def _messages(records, level=logging.INFO):
+    return "\n".join(r.getMessage() for r in records if r.levelno >= level)
+
+
+def test_report_logs_the_summary_and_keeps_the_table_for_debug(tmp_path, rocoft_log):
+    logger, records = rocoft_log
+    logger.setLevel(logging.INFO)
+    trainer(tmp_path, RoCoFT(rank=2), max_steps=1).fit(Classifier(), loader())
+    shown = _messages(records)
+    assert "RoCoFT (row, r=2, selection=first) on 12 layers" in shown
+    assert "RoCoFT parameters:" in shown and "head parameters:" in shown and "trainable parameters:" in shown
+    assert TABLE_HEADER not in shown and "attention.self.query" not in shown
+    assert len(shown.splitlines()) <= 5
+
+    records.clear()
+    logger.setLevel(logging.DEBUG)
+    trainer(tmp_path, RoCoFT(rank=2), max_steps=1).fit(Classifier(), loader())
+    debug = [r for r in records if r.levelno == logging.DEBUG]
+    assert len(debug) == 1 and TABLE_HEADER in debug[0].getMessage()
+    assert len(debug[0].getMessage().splitlines()) == 13  # header + 12 adapted layers
+
+
+def test_print_layers_shows_the_table(tmp_path, rocoft_log):
+    logger, records = rocoft_log
+    logger.setLevel(logging.INFO)
+    trainer(tmp_path, RoCoFT(rank=2, print_layers=True), max_steps=1).fit(Classifier(), loader())
+    shown = _messages(records)
+    assert TABLE_HEADER in shown and "bert.encoder.layer.1.output.dense" in shown
+    assert "trainable parameters:" in shown

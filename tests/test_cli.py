@@ -1,6 +1,7 @@
 """The `rocoft` CLI: a real fit in a subprocess, every shipped config parses, clear errors for bad data."""
 
 import os
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,97 @@ def test_fsdp_overlays_compose_with_a_task_config(overlay, capsys):
     assert printed["trainer"]["precision"] == "bf16-true"
     assert printed["model"]["init_args"]["init_on_meta"] == ("fsdp2" in overlay.name)
     assert printed["trainer"]["callbacks"][-1]["init_args"]["train_bias"] is True  # the task's RoCoFT settings survive
+
+
+# -- bad input: one clear line, the traceback in a file or behind ROCOFT_VERBOSE / --verbose --------------------
+def run_rocoft(args, tmp_path, **env):
+    """`rocoft ARGS` in a subprocess, stdout and stderr merged; temporary files (the traceback log) in tmp_path."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    drop = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ROCOFT_VERBOSE")
+    environ = {k: v for k, v in os.environ.items() if k not in drop}
+    environ.update(PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path / "tmp"), **env)
+    return subprocess.run(
+        [sys.executable, "-c", "from rocoft_pl.cli import main; main()", *args],
+        cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+
+
+def test_missing_data_prints_one_clear_line_and_logs_the_traceback(tmp_path):
+    missing = tmp_path / "nowhere"
+    args = ["fit", "--config", str(tiny_config(tmp_path)), "--data.init_args.data_dir", str(missing)]
+    proc = run_rocoft(args, tmp_path)
+    out = proc.stdout
+    assert proc.returncode == 1, out[-3000:]
+    assert f"rocoft: error: data_dir: no such directory {missing}\n" in out
+    assert "Traceback" not in out and len(out.splitlines()) < 10, out
+    assert "ROCOFT_VERBOSE=1" in out
+    (log,) = (tmp_path / "tmp").glob("rocoft-error-*.log")
+    assert str(log) in out
+    assert "Traceback (most recent call last)" in log.read_text() and "FileNotFoundError" in log.read_text()
+    assert not (tmp_path / "run").exists()
+
+
+def test_verbose_flag_shows_the_traceback(tmp_path):
+    missing = tmp_path / "nowhere"
+    args = ["--verbose", "fit", "--config", str(tiny_config(tmp_path)), "--data.init_args.data_dir", str(missing)]
+    proc = run_rocoft(args, tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stdout
+    assert "FileNotFoundError: data_dir: no such directory" in proc.stdout
+    assert "rocoft: error:" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        (["--data.init_args.data_dir", "EMPTY"], ["data_dir EMPTY", "['train', 'validation']"]),  # no data files
+        # raised while jsonargparse builds the callback
+        (["--trainer.callbacks.init_args.rank", "0"], ["RoCoFTConfig.rank must be an int >= 1, got 0"]),
+        (["--model.init_args.learning_rate", "-1"], ["Invalid learning rate: -1.0"]),  # raised inside Trainer.fit
+        # raised in RoCoFT.setup, before training
+        (["--trainer.callbacks.init_args.adapter_dir", "FILE/adapter"],
+         ["adapter_dir FILE/adapter cannot be created: FILE is not a directory"]),
+    ],
+    ids=["no-data-files", "rank-0", "negative-lr", "adapter-dir-under-a-file"],
+)
+def test_bad_input_in_process_is_one_line(tmp_path, capsys, monkeypatch, override, words):
+    from rocoft_pl.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    paths = {"EMPTY": str(tmp_path / "empty"), "FILE": str(tmp_path / "file.txt")}
+
+    def fill(text):
+        for key, value in paths.items():
+            text = text.replace(key, value)
+        return text
+
+    args = ["fit", "--config", str(tiny_config(tmp_path)), *map(fill, override)]
+    monkeypatch.setattr(sys, "argv", ["rocoft"])
+    monkeypatch.delenv("ROCOFT_VERBOSE", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    (i,) = [i for i, line in enumerate(err.splitlines()) if line.startswith("rocoft: error: ")]
+    first, second = err.splitlines()[i:i + 2]
+    assert all(fill(w) in first for w in words), first
+    assert second.startswith(f"(full traceback in {tmp_path}") and "ROCOFT_VERBOSE=1" in second
+    assert not list((tmp_path / "run").glob("**/adapter_model.safetensors"))
+
+    monkeypatch.setenv("ROCOFT_VERBOSE", "1")  # the original exception, traceback and all
+    with pytest.raises((ValueError, OSError)):
+        main(args)
+
+
+def test_usage_errors_keep_jsonargparse_s_own_message(tmp_path, capsys, monkeypatch):
+    from rocoft_pl.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["rocoft"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(tiny_config(tmp_path)), "--trainer.callbacks.init_args.mode", "diagonal"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Got value: diagonal" in err and "rocoft: error:" not in err
