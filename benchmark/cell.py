@@ -3,41 +3,54 @@
 Builds the LightningModule, DataModule and Trainer from the cell's LightningCLI config, adds the method's
 callback, fits, validates, and writes the result record (metrics, parameter counts, time, memory,
 adapter size). The runner records failures from the exit code and the log, so this file only succeeds.
+Started by a runner, the cell first arranges to die with it (benchmark/orphans.py), before the slow imports.
 """
 
 from __future__ import annotations
 
-import json
-import resource
-import sys
-import time
-from pathlib import Path
-from typing import Any
+if __name__ == "__main__":
+    from benchmark.orphans import die_with_runner
 
-import lightning.pytorch as pl
-import torch
+    die_with_runner()
 
-from .methods import counts_of, method_callback
+import json  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+from .methods import counts_of, method_callback  # noqa: E402
 
 
 class Meter(pl.Callback):
-    """Training wall time without validation, batches seen, and peak memory."""
+    """Training wall time without validation, batches seen, peak memory, and the learning curve: one point
+    per validation during fit (``trainer.val_check_interval``) with the training seconds spent so far."""
 
     def __init__(self) -> None:
         self.train_s = 0.0
         self.batches = 0
+        self.curve: list[dict[str, Any]] = []
         self._epoch_start = 0.0
         self._val_s = 0.0
         self._val_start = 0.0
+        self._train_s_at_val = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start, self._val_s = time.perf_counter(), 0.0
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_start = time.perf_counter()
+        self._train_s_at_val = self.train_s + self._val_start - self._epoch_start - self._val_s
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_s += time.perf_counter() - self._val_start
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            metrics = {k.split("/dataloader_idx")[0]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+            self.curve.append({"step": trainer.global_step, "train_s": self._train_s_at_val, "metrics": metrics})
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.batches += 1
@@ -121,6 +134,7 @@ def run_cell(cell: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "peak_memory_bytes": memory,
         "memory_kind": memory_kind,
         "adapter_bytes": _adapter_bytes(method, module, out_dir),
+        "curve": meter.curve,
         "fit_validate_s": time.perf_counter() - started,
         "versions": _versions(),
     }

@@ -21,6 +21,11 @@ A grid YAML:
 
 Relative paths (base_config, results) are relative to the grid file's directory's project root, i.e.
 the current working directory.
+
+Loading checks the spec itself: a key given twice in one mapping (of the grid or its base_config), a seed
+given twice (in ``seeds``, a method's ``seeds`` or ``--seeds``) and two methods with the same label are
+errors naming the file, line or field. Whether each cell's config and method params are valid is checked
+by benchmark/validate.py before `rocoft-bench run` starts any cell.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ import yaml
 from .methods import METHODS
 
 GRID_KEYS = {"name", "base_config", "results", "seeds", "overrides", "models", "tasks", "methods", "timeout_s"}
+
+
+class GridError(ValueError):
+    """A grid that cannot run as given: its message lists what to fix (file, field, cell)."""
 
 
 @dataclass
@@ -81,6 +90,42 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = copy.deepcopy(value)  # cells must not share a dict given as one override value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (file and line), not
+    silently the last value."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by own keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML file, refusing duplicate keys; errors name the file (and line)."""
+    try:
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+
+
+def _unique_seeds(seeds: Any, where: str) -> list[int]:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"{where} must be a non-empty list of integers, got {seeds!r}")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ValueError(f"{where} gives seed(s) {twice} more than once: {seeds}")
+    return list(seeds)
+
+
 def _section(spec: dict[str, Any], key: str, where: str) -> dict[str, dict[str, Any]]:
     value = spec.get(key)
     if not isinstance(value, dict) or not value:
@@ -94,10 +139,7 @@ def load_grid(path: Union[str, Path], seeds: Optional[list[int]] = None) -> Grid
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grid file not found: {path}")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    spec = load_yaml(path)
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: a grid is a mapping, see benchmark/grid.py")
     unknown = set(spec) - GRID_KEYS
@@ -109,17 +151,26 @@ def load_grid(path: Union[str, Path], seeds: Optional[list[int]] = None) -> Grid
     if base_path:
         if not Path(base_path).is_file():
             raise FileNotFoundError(f"{path}: base_config {base_path} not found")
-        base = yaml.safe_load(Path(base_path).read_text()) or {}
+        base = load_yaml(Path(base_path)) or {}
     override = seeds is not None
-    seeds = list(seeds) if override else spec.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers")
+    seeds = _unique_seeds(list(seeds) if override else spec.get("seeds", [0]), "--seeds" if override else f"{path}: 'seeds'")
     models = _section(spec, "models", str(path))
     tasks = _section(spec, "tasks", str(path))
     methods = _section(spec, "methods", str(path))
     for label, m in methods.items():
         if m.get("method") not in METHODS:
             raise ValueError(f"{path}: methods.{label}.method must be one of {METHODS}, got {m.get('method')!r}")
+        if not override and "seeds" in m:
+            _unique_seeds(m["seeds"], f"{path}: methods.{label}.seeds")
+    labels: dict[str, str] = {}
+    for key, m in methods.items():
+        label = str(m.get("label", key))
+        if label in labels:
+            raise ValueError(
+                f"{path}: methods.{labels[label]} and methods.{key} have the same label {label!r}; "
+                "their cells would share one leaderboard row"
+            )
+        labels[label] = key
     timeout = float(spec.get("timeout_s", 3600))
 
     cells = []
@@ -132,8 +183,6 @@ def load_grid(path: Union[str, Path], seeds: Optional[list[int]] = None) -> Grid
                 )
             for label, m in methods.items():
                 method_seeds = seeds if override else m.get("seeds", seeds)
-                if not isinstance(method_seeds, list) or not all(isinstance(s, int) for s in method_seeds):
-                    raise ValueError(f"{path}: methods.{label}.seeds must be a list of integers")
                 for seed in method_seeds:
                     config = copy.deepcopy(base)
                     for overrides in (spec.get("overrides"), model_spec.get("overrides"), task_spec.get("overrides"), m.get("overrides")):

@@ -8,12 +8,20 @@ from typing import Any
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .grid import load_grid
-    from .leaderboard import write_tables
+    import sys
+
+    from .grid import GridError, load_grid
     from .runner import run_grid
 
     seeds = _seeds(args.seeds) if args.seeds else None
-    records = run_grid(args.grid, jobs=args.jobs, results=args.results, seeds=seeds)
+    try:
+        records = run_grid(args.grid, jobs=args.jobs, results=args.results, seeds=seeds)
+    except GridError as err:  # checked before any cell started
+        print(f"rocoft-bench run: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rocoft-bench run: interrupted; the running cells were killed, finished ones are recorded", file=sys.stderr)
+        return 130
     failed = [r for r in records if r["status"] != "ok"]
     results = Path(args.results) if args.results else load_grid(args.grid).results
     print(f"{len(records) - len(failed)} cell(s) finished, {len(failed)} failed; results in {results}")
@@ -24,8 +32,7 @@ def _run(args: argparse.Namespace) -> int:
             f"median {outside[len(outside) // 2]:.1f} s, max {outside[-1]:.1f} s"
         )
     if args.table:
-        paths = write_tables(results, results.parent, args.statistic)
-        print(paths["markdown"].read_text())
+        _write_tables(results, results.parent, args.statistic)
     return 1 if failed and args.strict else 0
 
 
@@ -36,12 +43,22 @@ def _seeds(text: str) -> list[int]:
         raise SystemExit(f"--seeds takes comma-separated integers, got {text!r}") from None
 
 
-def _table(args: argparse.Namespace) -> int:
+def _write_tables(results: Path, out: Path, statistic: str) -> dict[str, Path]:
+    """The leaderboard, and the learning curves when cells recorded any; prints both summaries."""
+    from .curves import write_curves
     from .leaderboard import write_tables
 
-    out = Path(args.output_dir) if args.output_dir else Path(args.results).parent
-    paths = write_tables(args.results, out, args.statistic)
+    paths = write_tables(results, out, statistic)
     print(paths["markdown"].read_text())
+    curves = write_curves(results, out)
+    if curves:
+        print(curves["summary_md"].read_text())
+    return {**paths, **curves}
+
+
+def _table(args: argparse.Namespace) -> int:
+    out = Path(args.output_dir) if args.output_dir else Path(args.results).parent
+    paths = _write_tables(Path(args.results), out, args.statistic)
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -57,7 +74,9 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--strict", action="store_true", help="exit 1 when a cell failed")
     run.set_defaults(func=_run)
 
-    table = subparsers.add_parser("table", help="leaderboard (Markdown, CSV, HTML) and plots from a results file")
+    table = subparsers.add_parser(
+        "table", help="leaderboard (Markdown, CSV, HTML), plots and learning curves from a results file (never writes it)"
+    )
     table.add_argument("results", help="results JSONL written by `rocoft-bench run`")
     table.add_argument("--output-dir", help="default: the results file's folder")
     table.add_argument("--statistic", choices=("mean", "median"), default="mean")

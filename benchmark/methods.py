@@ -21,6 +21,22 @@ PEFT_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "vera", "loha", "l
 ROCOFT_METHODS = ("rocoft-row", "rocoft-column", "rocoft-entries")
 METHODS = ("full", "bitfit", *ROCOFT_METHODS, *PEFT_METHODS)
 
+_INT, _NUMBER, _NAMES = (int,), (int, float), (list,)
+# The params each non-RoCoFT method reads (peft_config below), with their types; RoCoFT's are its
+# callback's arguments. MethodCallback refuses any other, so a misspelt param fails before a run.
+METHOD_PARAMS: dict[str, dict[str, tuple[type, ...]]] = {
+    "full": {},
+    "bitfit": {},
+    "lora": {"r": _INT, "alpha": _NUMBER, "dropout": _NUMBER, "targets": _NAMES},
+    "adalora": {"init_r": _INT, "r": _INT, "alpha": _NUMBER, "total_step": _INT, "tinit": _INT, "tfinal": _INT, "targets": _NAMES},
+    "ia3": {"targets": _NAMES},
+    "vera": {"r": _INT, "targets": _NAMES},
+    "loha": {"r": _INT, "alpha": _NUMBER, "targets": _NAMES},
+    "lokr": {"r": _INT, "alpha": _NUMBER, "targets": _NAMES},
+    "prefix": {"num_virtual_tokens": _INT},
+    "prompt": {"num_virtual_tokens": _INT},
+}
+
 
 @dataclass
 class ParamCounts:
@@ -140,6 +156,14 @@ class MethodCallback(pl.Callback):
     def __init__(self, method: str, **params: Any) -> None:
         if method not in ("full", "bitfit", *PEFT_METHODS):
             raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+        known = METHOD_PARAMS[method]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise TypeError(f"{method} takes no param(s) {unknown}; it takes {sorted(known) or 'none'}")
+        for name, value in params.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, known[name])):
+                kinds = " or ".join(t.__name__ for t in known[name])
+                raise TypeError(f"{method} param {name} must be {kinds}, got {value!r}")
         self.method, self.params = method, params
         self.counts: Optional[ParamCounts] = None
         self._applied = False

@@ -7,25 +7,12 @@ from pathlib import Path
 
 import yaml
 
+from benchmark.faults import TINY_BASE
 from benchmark.grid import load_grid
 from benchmark.results import read_results
 
 FIXTURES = Path(__file__).parent / "fixtures" / "text_classification"
-
-BASE = {
-    "model": {
-        "class_path": "rocoft_pl.modules.classification.SequenceClassificationModule",
-        "init_args": {"model_name_or_path": str(FIXTURES / "tiny_bert"), "learning_rate": 1e-3, "warmup_steps": 0},
-    },
-    "data": {
-        "class_path": "tasks.demo_data.TweetSentimentDataModule",
-        "init_args": {"data_file": str(FIXTURES / "tweets.csv"), "val_fraction": 0.3, "batch_size": 4, "max_length": 16},
-    },
-    "trainer": {
-        "accelerator": "cpu", "max_steps": 2, "logger": False, "enable_checkpointing": False,
-        "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-    },
-}
+BASE = TINY_BASE
 
 
 def write_grid(tmp_path, methods):
@@ -180,3 +167,19 @@ def test_dict_valued_overrides_are_not_shared_between_cells(tmp_path):
     grid.write_text(yaml.safe_dump(spec))
     lrs = {c.method_label: c.config["model"]["init_args"]["learning_rate"] for c in load_grid(grid).cells}
     assert lrs == {"a": 0.1, "b": 1e-3}
+
+
+def test_cells_record_learning_curves_and_table_draws_them(tmp_path):
+    grid = write_grid(tmp_path, {"rocoft-row-r1": {"method": "rocoft-row", "params": {"rank": 1}, "seeds": [1],
+                                                   "overrides": {"trainer.val_check_interval": 1}}})
+    proc = bench("run", str(grid), "--table")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (record,) = read_results(tmp_path / "out" / "results.jsonl")
+    curve = record["curve"]
+    assert [p["step"] for p in curve] == [1, 2]  # one point per validation during fit
+    assert 0 < curve[0]["train_s"] < curve[1]["train_s"] <= record["train_time_s"] + 1e-6
+    assert all(0.0 <= p["metrics"]["val/accuracy"] <= 1.0 for p in curve)
+    assert curve[-1]["metrics"]["val/accuracy"] == record["metrics"]["val/accuracy"]  # the final validate agrees
+    out = tmp_path / "out"
+    assert (out / "curves.csv").exists() and (out / "curves_tiny-bert_tweets.png").exists()
+    assert "steps_to_95%_of_full" in proc.stdout  # the curves summary is printed with the leaderboard

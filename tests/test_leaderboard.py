@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from benchmark.leaderboard import render, results_frame, write_tables
 from benchmark.results import finished_cells, read_results, upsert_result
 
@@ -60,11 +58,20 @@ def test_upsert_replaces_a_cell_and_finished_cells_tracks_status(tmp_path):
     assert finished_cells(path) == {"b": "h", "a": "h2"}
 
 
-def test_damaged_results_file_is_reported_with_its_line(tmp_path):
+def test_damaged_lines_are_skipped_and_reported_with_their_number(tmp_path, capsys):
     path = tmp_path / "r.jsonl"
-    path.write_text('{"cell_id": "a"}\n{broken\n')
-    with pytest.raises(ValueError, match=r"r.jsonl:2"):
-        read_results(path)
+    path.write_text('{"cell_id": "a"}\n{broken\n[1, 2]\n{"no_cell_id": 1}\n{"cell_id": "b"}\n')
+    before = path.read_bytes()
+    assert [r["cell_id"] for r in read_results(path)] == ["a", "b"]
+    assert "r.jsonl: damaged line(s) 2, 3, 4 skipped" in capsys.readouterr().err
+    assert path.read_bytes() == before  # a reader never repairs
+
+    # A writer sets them aside, with their numbers, and keeps every good record.
+    upsert_result(path, {"cell_id": "c", "status": "ok"})
+    assert [r["cell_id"] for r in read_results(path)] == ["a", "b", "c"]
+    aside = [json.loads(line) for line in (tmp_path / "r.jsonl.damaged").read_text().splitlines()]
+    assert [(a["line"], a["text"]) for a in aside] == [(2, "{broken"), (3, "[1, 2]"), (4, '{"no_cell_id": 1}')]
+    assert "set aside" in capsys.readouterr().err
 
 
 WRITER = """
