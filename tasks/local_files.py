@@ -11,6 +11,16 @@ from typing import Optional, Union
 
 # suffix -> the `datasets` builder that reads it (TSV is CSV with a tab separator).
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Compressed text files (e.g. ``reviews.csv.bz2``): `datasets` decompresses them itself.
+COMPRESSIONS = (".bz2", ".gz", ".xz", ".zst")
+
+
+def data_suffix(path: Union[str, Path]) -> str:
+    """The format suffix of a data file, under any compression suffix: ``a.csv.bz2`` -> ``.csv``."""
+    p = Path(path)
+    if p.suffix.lower() in COMPRESSIONS:
+        p = p.with_suffix("")
+    return p.suffix.lower()
 
 
 def split_files(data_dir: Union[str, Path], splits: list[str]) -> dict[str, str]:
@@ -40,9 +50,12 @@ def check_data_files(data_files: dict[str, Union[str, Path]], one_format: bool =
             raise FileNotFoundError(f"data_files[{split!r}]: no such file {path}")
         if p.stat().st_size == 0:
             raise ValueError(f"data_files[{split!r}]: {path} is empty")
-        if p.suffix.lower() not in LOCAL_FORMATS:
-            raise ValueError(f"data_files[{split!r}]: {path}: unknown format; use one of {sorted(LOCAL_FORMATS)}")
-        formats.add(LOCAL_FORMATS[p.suffix.lower()])
+        if data_suffix(p) not in LOCAL_FORMATS:
+            raise ValueError(
+                f"data_files[{split!r}]: {path}: unknown format; use one of {sorted(LOCAL_FORMATS)} "
+                f"(optionally compressed: {', '.join(COMPRESSIONS)})"
+            )
+        formats.add(LOCAL_FORMATS[data_suffix(p)])
     if one_format and len(formats) > 1:
         raise ValueError(f"data_files mix formats {sorted(formats)}; use one format for all splits")
     return {k: str(v) for k, v in data_files.items()}
@@ -63,3 +76,17 @@ def local_data_files(
                 f"data_dir {data_dir}: no <split>.<ext> files for {splits} (ext: {sorted(LOCAL_FORMATS)})"
             )
     return None if data_files is None else check_data_files(data_files, one_format)
+
+
+def packaged_file(package: str, relative: str, install: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package (some data
+    packages do not import, or pull heavy dependencies): ``<package dir>/<relative>``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"this data needs the `{package}` package: {install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{package} is installed but {path} is missing")
+    return path

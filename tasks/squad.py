@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .loaders import task_loader
-from .local_files import LOCAL_FORMATS, local_data_files
+from .local_files import LOCAL_FORMATS, data_suffix, local_data_files
 
 HUB_DATASETS = {"v1": "rajpurkar/squad", "v2": "rajpurkar/squad_v2"}
 _VERSIONS = {"v1": "v1", "1": "v1", "1.1": "v1", "v1.1": "v1", "v2": "v2", "2": "v2", "2.0": "v2", "v2.0": "v2"}
@@ -266,8 +266,8 @@ class SquadDataModule(pl.LightningDataModule):
         p = Path(path)
         if _is_official_json(p):
             return datasets.Dataset.from_list(read_official_json(p))
-        builder = LOCAL_FORMATS[p.suffix.lower()]
-        kwargs = {"sep": "\t"} if p.suffix.lower() == ".tsv" else {}
+        builder = LOCAL_FORMATS[data_suffix(p)]
+        kwargs = {"sep": "\t"} if data_suffix(p) == ".tsv" else {}
         if builder == "csv":
             kwargs["keep_default_na"] = False  # an empty cell is text, not NaN
         return datasets.load_dataset(builder, data_files={split: str(p)}, split=split, cache_dir=self.cache_dir, **kwargs)

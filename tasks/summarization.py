@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .loaders import task_loader
-from .local_files import LOCAL_FORMATS, local_data_files
+from .local_files import LOCAL_FORMATS, data_suffix, local_data_files
 
 SUMMARIZATION_TASKS: dict[str, dict[str, Any]] = {
     "xsum": {"dataset": "EdinburghNLP/xsum", "dataset_config": None, "document_field": "document", "summary_field": "summary"},
@@ -121,8 +121,8 @@ class SummarizationDataModule(pl.LightningDataModule):
 
         if self.data_files is not None:
             first = Path(next(iter(self.data_files.values())))
-            builder = LOCAL_FORMATS[first.suffix.lower()]
-            kwargs: dict[str, Any] = {"sep": "\t"} if first.suffix.lower() == ".tsv" else {}
+            builder = LOCAL_FORMATS[data_suffix(first)]
+            kwargs: dict[str, Any] = {"sep": "\t"} if data_suffix(first) == ".tsv" else {}
             if builder == "csv":
                 kwargs["keep_default_na"] = False
             loaded = datasets.load_dataset(builder, data_files=self.data_files, cache_dir=self.cache_dir, **kwargs)

