@@ -35,13 +35,26 @@ def _resolve_pretrained(name: Any) -> Any:
     return resolve_pretrained(name) if isinstance(name, str) else name
 
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _parser_kwargs() -> dict[str, Any]:
+    """A one-line usage per subcommand: argparse prints the usage before every error, and the generated one
+    lists every option of the Trainer, model and data (50 lines above a one-line error). ``--help`` still
+    lists them all."""
+    kwargs: dict[str, Any] = {"default_env": False}
+    for sub in SUBCOMMANDS:
+        kwargs[sub] = {"default_env": False, "usage": f"rocoft {sub} [--config CONFIG] [--<key> VALUE ...] (see rocoft {sub} --help)"}
+    return kwargs
+
+
 class RoCoFTCLI(LightningCLI):
     """LightningCLI in subclass mode for model and data, with RoCoFT's links and defaults."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 42)
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_kwargs", _parser_kwargs())
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

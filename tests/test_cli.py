@@ -236,3 +236,5 @@ def test_usage_errors_keep_jsonargparse_s_own_message(tmp_path, capsys, monkeypa
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Got value: diagonal" in err and "rocoft: error:" not in err
+    # a one-line usage above the error, not the generated one listing every option (about 50 lines)
+    assert err.splitlines()[0].startswith("usage: rocoft fit [--config CONFIG]") and len(err.splitlines()) < 20
