@@ -9,6 +9,7 @@ load, allocator state) hits all methods alike. Methods:
                     limit for any method that adapts every block (activation gradients, no weight gradient)
     rocoft-row-rN   RoCoFT, N rows / columns of every block Linear (rocoft_pl.apply_rocoft)
     rocoft-column-rN
+    rocoft-both-rN  N rows and N columns of every block Linear (mode 'both'; not in the default list)
     lora-rN         PEFT LoRA of rank N on the same target Linears (peft, not re-implemented)
     alg1-row-rN     the paper's Algorithm 1: trainable rows concatenated with the frozen rest every forward
 
@@ -134,7 +135,7 @@ def build_method(name: str, base: nn.Module) -> Method:
         # The embedding output becomes a leaf that requires grad, so backward crosses every block.
         model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_())
         return Method(name, model)
-    if m := re.fullmatch(r"rocoft-(row|column)-r(\d+)", name):
+    if m := re.fullmatch(r"rocoft-(row|column|both)-r(\d+)", name):
         report = apply_rocoft(model, RoCoFTConfig(mode=m[1], rank=int(m[2])))
         return Method(name, model, report.rocoft_params, lambda d: save_adapter(model, d), lambda: merge_rocoft(model))
     if m := re.fullmatch(r"lora-r(\d+)", name):
@@ -164,7 +165,7 @@ def build_method(name: str, base: nn.Module) -> Method:
             return model
 
         return Method(name, model, None, save, merge)
-    raise ValueError(f"unknown method {name!r}; known: {', '.join(DEFAULT_METHODS)} (any rank N)")
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(DEFAULT_METHODS)}, rocoft-both-r3 (any rank N)")
 
 
 # ------------------------------------------------------------------------------------------ measuring

@@ -15,10 +15,10 @@ from torch import nn
 
 from rocoft_pl import RoCoFT, RoCoFTConfig
 from rocoft_pl.adapter import hf_model_in
-from rocoft_pl.inject import block_prefixes, find_heads, find_targets
+from rocoft_pl.inject import block_prefixes, find_heads, find_targets, rocoft_layers
 
 PEFT_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "vera", "loha", "lokr")
-ROCOFT_METHODS = ("rocoft-row", "rocoft-column", "rocoft-entries")
+ROCOFT_METHODS = ("rocoft-row", "rocoft-column", "rocoft-entries", "rocoft-both")
 METHODS = ("full", "bitfit", *ROCOFT_METHODS, *PEFT_METHODS)
 
 _INT, _NUMBER, _NAMES = (int,), (int, float), (list,)
@@ -196,7 +196,7 @@ class MethodCallback(pl.Callback):
 
 
 def method_callback(method: str, **params: Any) -> pl.Callback:
-    """The callback for a registry name: rocoft-row/column (rank, selection, train_bias...), rocoft-entries
+    """The callback for a registry name: rocoft-row/column/both (rank, selection, train_bias...), rocoft-entries
     (p), full, bitfit, lora (r, alpha), adalora, ia3, prefix, prompt, vera, loha, lokr."""
     if method in ROCOFT_METHODS:
         mode = method.split("-", 1)[1]
@@ -207,10 +207,13 @@ def method_callback(method: str, **params: Any) -> pl.Callback:
 
 
 def counts_of(callback: pl.Callback, pl_module: pl.LightningModule) -> ParamCounts:
-    """Parameter counts after setup, the same way for every method."""
+    """Parameter counts after setup, the same way for every method. RoCoFT's 'both' counts the r x r overlap
+    of its row and column deltas once, as its report does (it is one block of weights, stored twice)."""
     if isinstance(callback, RoCoFT):
         model = hf_model_in(pl_module)
-        return count_params(model, head_names(model))
+        counts = count_params(model, head_names(model))
+        counts.adapter_params -= sum(layer.num_stored - layer.num_trainable for layer in rocoft_layers(model).values())
+        return counts
     if callback.counts is None:
         raise ValueError("method not applied yet")
     return callback.counts

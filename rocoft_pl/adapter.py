@@ -2,7 +2,8 @@
 
     adapter_config.json         config, library version, base-model identity and structural fingerprint,
                                 target shapes, head names, sha256 of the weights file
-    adapter_model.safetensors   <target>.delta, <target>.indices, trained biases, saved heads
+    adapter_model.safetensors   <target>.delta, <target>.indices (mode 'both' also <target>.delta_columns,
+                                <target>.column_indices), trained biases, saved heads
 
 Saving refuses NaN / inf values (``allow_nonfinite=True`` to keep a broken run for inspection) and weights
 that are not materialised (meta device). Both files are written into a hidden sibling directory
@@ -12,7 +13,7 @@ load repairs), so a crash leaves either the complete old or the complete new ada
 the same parent removes what a killed writer left behind. A directory holding other files is not replaced.
 
 Loading checks everything before it changes the model, so a bad adapter leaves the model untouched: the
-weights file's checksum; indices (int64, in range, unique, ``rank`` many); finite values
+weights file's checksum; indices (int64, in range, unique, ``rank`` many; each set in mode 'both'); finite values
 (``allow_nonfinite=True`` to load anyway); the architecture; that the adapter holds exactly the targets its
 config selects in this model and the base's structural fingerprint matches (``allow_partial=True`` loads
 only the targets that fit, and the report lists the rest); that the model is not merged. Onto the meta
@@ -45,7 +46,7 @@ from torch import nn
 
 from .config import RoCoFTConfig
 from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, merged_record, rocoft_layers, rocoft_report
-from .layers import RoCoFTLinear, features, is_supported_base
+from .layers import PARTS, Part, RoCoFTLinear, features, is_supported_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -122,7 +123,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     layers = rocoft_layers(model)
     biases, heads = _trainable_names(model)
     # Checked on every rank before any collective, so all ranks raise alike.
-    on_meta = [f"{n}.delta" for n, layer in layers.items() if layer.delta.is_meta]
+    on_meta = [f"{n}.{k}" for n, layer in layers.items() for k, d in layer.deltas.items() if d.is_meta]
     on_meta += [k for k in biases + heads if params[k].is_meta]
     if on_meta:
         raise ValueError(
@@ -133,8 +134,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         )
     state: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        state[f"{name}.delta"] = _full(layer.delta)
-        state[f"{name}.indices"] = _full(layer.indices)
+        for key, delta in layer.deltas.items():
+            state[f"{name}.{key}"] = _full(delta)
+        for key, idx in layer.index_sets.items():
+            state[f"{name}.{key}"] = _full(idx)
     for key in biases + heads:
         state[key] = _full(params[key])
     return state
@@ -146,7 +149,7 @@ def base_fingerprint(model: nn.Module, saved_modules: Iterable[str] = ()) -> dic
     model and a fresh one agree), plus a few config sizes for a readable message when they differ."""
     saved_modules = list(saved_modules)
     layers = rocoft_layers(model)
-    deltas = {id(layer.delta) for layer in layers.values()}
+    deltas = {id(d) for layer in layers.values() for d in layer.deltas.values()}
     entries = []
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in deltas or _inside(name, saved_modules):
@@ -475,8 +478,9 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], dict[st
     return metadata, tensors
 
 
-def _check_keys(metadata: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path) -> None:
-    expected = {f"{t}.{k}" for t in metadata["targets"] for k in ("delta", "indices")}
+def _check_keys(metadata: dict[str, Any], tensors: dict[str, torch.Tensor], config: RoCoFTConfig, where: Path) -> None:
+    parts = PARTS[config.mode]
+    expected = {f"{t}.{k}" for t in metadata["targets"] for p in parts for k in (p.delta, p.indices)}
     expected |= set(metadata["trained_biases"]) | set(metadata["saved_parameters"])
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
@@ -489,32 +493,40 @@ def _check_tensors(metadata: dict[str, Any], tensors: dict[str, torch.Tensor], c
         shape = info.get("shape") if isinstance(info, dict) else None
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
             raise ValueError(f"adapter target {name!r}: stored shape {shape!r} is not [out_features, in_features]")
-        out_f, in_f = shape
-        idx, delta = tensors[f"{name}.indices"], tensors[f"{name}.delta"]
-        if idx.dtype != torch.int64 or idx.dim() != 1:
-            raise ValueError(
-                f"adapter target {name!r}: indices must be a 1-D int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}"
-            )
-        n = idx.numel()
-        limit = {"row": out_f, "column": in_f, "entries": out_f * in_f}[config.mode]
-        if n == 0 or int(idx.min()) < 0 or int(idx.max()) >= limit:
-            raise ValueError(f"adapter target {name!r}: {config.mode} indices empty or outside [0, {limit}) for a {out_f}x{in_f} weight")
-        if idx.unique().numel() != n:
-            raise ValueError(f"adapter target {name!r}: {config.mode} indices are not unique")
-        if config.mode != "entries" and n != config.rank:
-            raise ValueError(
-                f"adapter target {name!r}: {n} {config.mode} indices, but the stored config says rank {config.rank}: "
-                f"{CONFIG_NAME} and {WEIGHTS_NAME} disagree"
-            )
-        expected = {"row": (n, in_f), "column": (out_f, n), "entries": (n,)}[config.mode]
-        if tuple(delta.shape) != expected or not delta.is_floating_point():
-            raise ValueError(
-                f"adapter target {name!r}: delta shape {tuple(delta.shape)} ({delta.dtype}) does not fit {config.mode} "
-                f"mode with {n} indices on a {out_f}x{in_f} weight (expected floating point {expected})"
-            )
+        for part in PARTS[config.mode]:
+            _check_part(name, part, tensors, config, shape)
     for key in list(metadata["trained_biases"]) + list(metadata["saved_parameters"]):
         if not tensors[key].is_floating_point():
             raise ValueError(f"adapter tensor {key!r} is {tensors[key].dtype}, not floating point")
+
+
+def _check_part(name: str, part: Part, tensors: dict[str, torch.Tensor], config: RoCoFTConfig, shape: list[int]) -> None:
+    """One index set of one target (mode 'both' has two): int64, in range for its axis, unique, ``rank`` many
+    (not for entries), and a floating-point delta of the shape they imply."""
+    out_f, in_f = shape
+    index_key, delta_key, axis = part.indices, part.delta, part.axis
+    idx, delta = tensors[f"{name}.{index_key}"], tensors[f"{name}.{delta_key}"]
+    if idx.dtype != torch.int64 or idx.dim() != 1:
+        raise ValueError(
+            f"adapter target {name!r}: {index_key} must be a 1-D int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}"
+        )
+    n = idx.numel()
+    limit = {"row": out_f, "column": in_f, "entries": out_f * in_f}[axis]
+    if n == 0 or int(idx.min()) < 0 or int(idx.max()) >= limit:
+        raise ValueError(f"adapter target {name!r}: {axis} indices empty or outside [0, {limit}) for a {out_f}x{in_f} weight")
+    if idx.unique().numel() != n:
+        raise ValueError(f"adapter target {name!r}: {axis} indices are not unique")
+    if axis != "entries" and n != config.rank:
+        raise ValueError(
+            f"adapter target {name!r}: {n} {axis} indices, but the stored config says rank {config.rank}: "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME} disagree"
+        )
+    expected = {"row": (n, in_f), "column": (out_f, n), "entries": (n,)}[axis]
+    if tuple(delta.shape) != expected or not delta.is_floating_point():
+        raise ValueError(
+            f"adapter target {name!r}: {delta_key} shape {tuple(delta.shape)} ({delta.dtype}) does not fit {config.mode} "
+            f"mode with {n} {axis} indices on a {out_f}x{in_f} weight (expected floating point {expected})"
+        )
 
 
 def load_adapter(
@@ -540,7 +552,7 @@ def load_adapter(
     path = Path(path)
     metadata, tensors = read_adapter(path)
     config = RoCoFTConfig.from_dict(metadata["config"])
-    _check_keys(metadata, tensors, path)
+    _check_keys(metadata, tensors, config, path)
     _check_tensors(metadata, tensors, config)
     bad = _nonfinite(tensors)
     if bad and not allow_nonfinite:
@@ -576,16 +588,15 @@ def load_adapter(
         if found != set(metadata["saved_modules"]):
             raise ValueError(f"adapter heads {metadata['saved_modules']} do not match the model's modules {sorted(found)}")
         targets_config = RoCoFTConfig(**{**heads_config.to_dict(), "targets": _exact_names(load)})
-        apply_rocoft(backbone, targets_config, indices={n: tensors[f"{n}.indices"] for n in load})
+        apply_rocoft(backbone, targets_config, indices={n: _stored(tensors, n, "indices", config) for n in load})
         backbone._rocoft_config = config
     layers = rocoft_layers(backbone)
     params = dict(backbone.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name in load:
-            layer, idx = layers[name], tensors[f"{name}.indices"]
-            layer.indices.copy_(idx.to(layer.indices.device))
-            layer._indices_cpu = idx.clone()
-            layer.load_delta(tensors[f"{name}.delta"])
+            layer = layers[name]
+            layer.set_indices(_stored(tensors, name, "indices", config))
+            layer.load_delta(*_stored(tensors, name, "delta", config).values())
         for key in biases:
             params[key].copy_(tensors[key].to(params[key]))
             params[key].requires_grad_(True)
@@ -594,6 +605,12 @@ def load_adapter(
     report = rocoft_report(backbone)
     report.skipped_targets, report.unadapted_targets = skipped, unadapted
     return report
+
+
+def _stored(tensors: dict[str, torch.Tensor], name: str, kind: str, config: RoCoFTConfig) -> dict[str, torch.Tensor]:
+    """One target's stored index sets (``kind`` 'indices') or deltas ('delta'), by their names in the layer."""
+    keys = [p.indices if kind == "indices" else p.delta for p in PARTS[config.mode]]
+    return {k: tensors[f"{name}.{k}"] for k in keys}
 
 
 def _stored_param(params: dict[str, nn.Parameter], key: str, backbone: nn.Module) -> nn.Parameter:
@@ -622,7 +639,7 @@ def _match_targets(
     for name, info in metadata["targets"].items():
         module = modules.get(name)
         base = module.base if isinstance(module, RoCoFTLinear) else module
-        delta_shape = tuple(tensors[f"{name}.delta"].shape)
+        delta_shapes = [tuple(d.shape) for d in _stored(tensors, name, "delta", config).values()]
         if module is None:
             problems[name] = f"adapter target {name!r} does not exist in {type(backbone).__name__}"
         elif not is_supported_base(base):
@@ -631,11 +648,13 @@ def _match_targets(
             problems[name] = f"adapter target {name!r}: stored shape {info['shape']} != model shape {list(features(base))}"
         elif already and name not in already:
             problems[name] = f"adapter target {name!r} is not a RoCoFT layer, while the model has RoCoFT layers elsewhere"
-        elif already and (already[name].mode != config.mode or tuple(already[name].delta.shape) != delta_shape):
+        elif already and (
+            already[name].mode != config.mode or [tuple(d.shape) for d in already[name].deltas.values()] != delta_shapes
+        ):
             layer = already[name]
             problems[name] = (
-                f"adapter target {name!r}: delta shape {delta_shape} ({config.mode}) != the model's RoCoFT layer "
-                f"{tuple(layer.delta.shape)} ({layer.mode})"
+                f"adapter target {name!r}: delta shape {_shapes(delta_shapes)} ({config.mode}) != the model's RoCoFT "
+                f"layer {_shapes([tuple(d.shape) for d in layer.deltas.values()])} ({layer.mode})"
             )
     load = [n for n in metadata["targets"] if n not in problems]
     skipped = [n for n in metadata["targets"] if n in problems]
@@ -668,6 +687,10 @@ def _match_targets(
     if not load:
         raise ValueError(f"adapter at {where}: none of its {len(metadata['targets'])} targets fits this model: {mismatch}")
     return load, skipped, unadapted
+
+
+def _shapes(shapes: list[tuple[int, ...]]) -> str:
+    return ", ".join(map(str, shapes))
 
 
 def _fingerprint_diff(stored: dict[str, Any], here: dict[str, Any]) -> str:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
-import torch
 from lightning_utilities.core.overrides import is_overridden as _is_overridden_against
 
 from .adapter import (
@@ -66,8 +65,8 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
     """Apply RoCoFT to the LightningModule on setup.
 
     Args:
-        mode: 'row', 'column' or 'entries' (see RoCoFTConfig).
-        rank: rows/columns trained per matrix.
+        mode: 'row', 'column', 'both' (r rows and r columns) or 'entries' (see RoCoFTConfig).
+        rank: rows/columns trained per matrix (mode 'both': of each).
         p: entries mode: probability per entry.
         targets: None (every Linear/Conv1D in the transformer blocks), module-name suffixes, or a regex.
         selection: 'first', 'random', or Wanda 'max' / 'min' / 'mixed'.
@@ -232,7 +231,7 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
         if not self.adapter_only_checkpoint or "state_dict" not in checkpoint:
             return
         keep = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-        keep |= {f"{n}.indices" for n in rocoft_layers(pl_module)}
+        keep |= {f"{n}.{k}" for n, layer in rocoft_layers(pl_module).items() for k in layer.index_sets}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def state_dict(self) -> dict[str, Any]:
@@ -320,11 +319,9 @@ def _use_rank_zero_indices(trainer: pl.Trainer, pl_module: pl.LightningModule) -
     if trainer.world_size <= 1:
         return
     layers = rocoft_layers(pl_module)
-    chosen = trainer.strategy.broadcast({n: layer.indices.cpu() for n, layer in layers.items()}, src=0)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.indices.copy_(chosen[name].to(layer.indices.device))
-            layer._indices_cpu = chosen[name].clone()
+    chosen = trainer.strategy.broadcast({n: layer.cpu_indices() for n, layer in layers.items()}, src=0)
+    for name, layer in layers.items():
+        layer.set_indices(chosen[name])
 
 
 def _refuse_sharded(pl_module: pl.LightningModule) -> None:

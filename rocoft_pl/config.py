@@ -6,29 +6,31 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
-Mode = Literal["row", "column", "entries"]
+Mode = Literal["row", "column", "entries", "both"]
 Selection = Literal["first", "random", "max", "min", "mixed"]
 
-MODES = ("row", "column", "entries")
+MODES = ("row", "column", "entries", "both")
 SELECTIONS = ("first", "random", "max", "min", "mixed")
 WANDA_SELECTIONS = ("max", "min", "mixed")
 
 
 @dataclass
 class RoCoFTConfig:
-    """Which weights RoCoFT trains. W = W0 + R (rows) or W = W0 + C (columns), paper eq. (2)."""
+    """Which weights RoCoFT trains. W = W0 + R (rows) or W = W0 + C (columns), paper eq. (2); or both."""
 
     mode: Mode = field(
         default="row",
         metadata={
             "help": "'row': train r output features (rows of the out x in weight) per matrix; "
-            "'column': train r input features; 'entries': train a random fraction p of the entries "
+            "'column': train r input features; 'both': r rows and r columns of every matrix, "
+            "r*in + r*out - r*r parameters (the r x r overlap counted once; off by default, the paper's "
+            "future work); 'entries': train a random fraction p of the entries "
             "(the paper's ablation B.2; it costs about as much as full fine-tuning per matrix)."
         },
     )
     rank: int = field(
         default=3,
-        metadata={"help": "r, the number of rows or columns trained per matrix (the paper uses 1 and 3)."},
+        metadata={"help": "r, the number of rows or columns (mode 'both': of each) trained per matrix (the paper uses 1 and 3)."},
     )
     p: float = field(
         default=0.1,
@@ -47,7 +49,8 @@ class RoCoFTConfig:
         metadata={
             "help": "'first': the first r (the paper's main setting); 'random': seeded uniform; "
             "'max' / 'min' / 'mixed': by Wanda score |W_ij| * ||X_j||_2 from calibration inputs, "
-            "highest, lowest, or half from each end."
+            "highest, lowest, or half from each end. Mode 'both' selects rows and columns alike, each by its own "
+            "scores (random: independent draws)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for 'random' selection and entries sampling."})

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import RoCoFTConfig
 from .layers import RoCoFTLinear, is_supported_base
-from .selection import collect_input_norms, select_indices
+from .selection import collect_input_norms, select_index_sets
 
 # Task heads that are trained fully when modules_to_save is None (matched on the last name segment).
 AUTO_HEADS = ("classifier", "score", "qa_outputs", "classification_head")
@@ -186,7 +186,7 @@ def rocoft_report(model: nn.Module) -> RoCoFTReport:
                 out_features=layer.out_features,
                 in_features=layer.in_features,
                 mode=layer.mode,
-                selected=layer.indices.numel(),
+                selected=sum(idx.numel() for idx in layer.index_sets.values()),  # 'both': r rows + r columns
                 trainable=layer.num_trainable,
             )
         )
@@ -194,7 +194,7 @@ def rocoft_report(model: nn.Module) -> RoCoFTReport:
         if layer.base.bias is not None and layer.base.bias.requires_grad:
             report.bias_params += layer.base.bias.numel()
             bias_ids.add(id(layer.base.bias))
-    delta_ids = {id(layer.delta) for layer in layers.values()}
+    delta_ids = {id(d) for layer in layers.values() for d in layer.deltas.values()}
     head_ids = {id(p) for n, m in model.named_modules() if getattr(m, "_rocoft_head", False) for p in m.parameters()}
     for p in model.parameters():
         if id(p) in delta_ids:
@@ -220,7 +220,8 @@ def apply_rocoft(
 
     ``calibration``: batches for Wanda selection ('max'/'min'/'mixed'), mappings passed as keyword
     arguments to ``forward`` (default: ``model``) with ``attention_mask`` marking padding.
-    ``indices``: explicit indices per target name (used by load_adapter); overrides ``selection``.
+    ``indices``: explicit indices per target name (used by load_adapter); overrides ``selection``. Each is a
+    tensor, or (mode 'both') a mapping {"indices": rows, "column_indices": columns}.
     """
     if not isinstance(config, RoCoFTConfig):
         raise TypeError(f"apply_rocoft expects a RoCoFTConfig, got {type(config).__name__}")
@@ -236,7 +237,7 @@ def apply_rocoft(
                 f"stored indices do not fit the model's targets: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unknown)[:5]}"
             )
-        chosen = {n: torch.as_tensor(indices[n], dtype=torch.long).cpu() for n in targets}
+        chosen = {n: _index_sets(indices[n]) for n in targets}
     else:
         norms: dict[str, torch.Tensor] = {}
         if config.needs_calibration:
@@ -246,14 +247,14 @@ def apply_rocoft(
                 )
             norms = collect_input_norms(model, targets, calibration, forward)
         chosen = {
-            n: select_indices(m, n, config.mode, config.rank, config.p, config.selection, config.seed, norms.get(n))
+            n: select_index_sets(m, n, config.mode, config.rank, config.p, config.selection, config.seed, norms.get(n))
             for n, m in targets.items()
         }
     # Build every new layer before changing anything: a bad index fails here with the model intact.
     new_layers = {}
     for name, module in targets.items():
         try:
-            new_layers[name] = RoCoFTLinear(module, config.mode, chosen[name])
+            new_layers[name] = RoCoFTLinear(module, config.mode, **chosen[name])
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
 
@@ -261,7 +262,8 @@ def apply_rocoft(
         p.requires_grad_(False)
     for name, layer in new_layers.items():
         model.set_submodule(name, layer)
-        layer.delta.requires_grad_(True)
+        for delta in layer.deltas.values():
+            delta.requires_grad_(True)
         if config.train_bias and layer.base.bias is not None:
             layer.base.bias.requires_grad_(True)
     for head in heads.values():
@@ -270,6 +272,13 @@ def apply_rocoft(
             p.requires_grad_(True)
     model._rocoft_config = config
     return rocoft_report(model)
+
+
+def _index_sets(given: Any) -> dict[str, torch.Tensor]:
+    """Explicit indices of one target as RoCoFTLinear's keyword arguments: a tensor is its ``indices``."""
+    if isinstance(given, Mapping):
+        return {k: torch.as_tensor(v, dtype=torch.long).cpu() for k, v in given.items()}
+    return {"indices": torch.as_tensor(given, dtype=torch.long).cpu()}
 
 
 # Where merge_rocoft keeps its records for unmerge_rocoft: a list (a stack, one entry per merge) of the merged

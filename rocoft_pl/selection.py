@@ -3,6 +3,7 @@
 Wanda (Sun et al., 2023) scores a weight by S_ij = |W_ij| * ||X_j||_2, with X the inputs the layer really
 sees (padding excluded). The row score sums S over j (one score per output feature), the column score
 sums over i (one per input feature). 'mixed' takes ceil(r/2) from the top and floor(r/2) from the bottom.
+Mode 'both' selects its rows and its columns each this way (``select_index_sets``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .layers import features, is_conv1d
+from .layers import PARTS, features, is_conv1d
 
 
-def module_generator(seed: int, name: str) -> torch.Generator:
-    """A generator per module: the choice for one module does not depend on which others are targeted."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+def module_generator(seed: int, name: str, stream: str = "") -> torch.Generator:
+    """A generator per module: the choice for one module does not depend on which others are targeted.
+    ``stream`` names another independent draw for the same module (mode 'both''s columns)."""
+    key = f"{name}#{stream}" if stream else name
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
 
 
 def select_from_scores(scores: torch.Tensor, r: int, strategy: str) -> torch.Tensor:
@@ -53,8 +56,13 @@ def select_indices(
     strategy: str,
     seed: int,
     input_norm: Optional[torch.Tensor] = None,
+    stream: str = "",
 ) -> torch.Tensor:
-    """Sorted CPU LongTensor of the rows / columns / flat entries of ``module`` to train."""
+    """Sorted CPU LongTensor of the rows / columns / flat entries of ``module`` to train (``mode``: 'row',
+    'column' or 'entries'; mode 'both' has two index sets: ``select_index_sets``). ``stream``: see
+    ``module_generator``."""
+    if mode not in ("row", "column", "entries"):
+        raise ValueError(f"select_indices selects one index set (row, column, entries), not {mode!r}: see select_index_sets")
     out_features, in_features = features(module)
     if mode == "entries":
         n = out_features * in_features
@@ -69,13 +77,32 @@ def select_indices(
     if strategy == "first":
         return torch.arange(rank)
     if strategy == "random":
-        return torch.sort(torch.randperm(n, generator=module_generator(seed, name))[:rank]).values
+        return torch.sort(torch.randperm(n, generator=module_generator(seed, name, stream))[:rank]).values
     if input_norm is None:
         raise ValueError(f"selection {strategy!r} needs calibration inputs for {name}")
     if module.weight.is_meta:
         raise ValueError(f"selection {strategy!r} needs real weights; {name} is on the meta device")
     weight = module.weight.t() if is_conv1d(module) else module.weight
     return select_from_scores(wanda_scores(weight, input_norm, mode), rank, strategy).cpu()
+
+
+def select_index_sets(
+    module: nn.Module,
+    name: str,
+    mode: str,
+    rank: int,
+    p: float,
+    strategy: str,
+    seed: int,
+    input_norm: Optional[torch.Tensor] = None,
+) -> dict[str, torch.Tensor]:
+    """The index sets ``mode`` trains in ``module``, by buffer name (``RoCoFTLinear``'s keyword arguments):
+    ``indices``, and in mode 'both' ``column_indices`` too, each selected over its own axis by ``strategy``
+    (Wanda: row scores for the rows, column scores for the columns; random: independent seed streams)."""
+    return {
+        part.indices: select_indices(module, name, part.axis, rank, p, strategy, seed, input_norm, part.stream)
+        for part in PARTS[mode]
+    }
 
 
 class _TokenMask:

@@ -25,17 +25,27 @@ def inputs():
     return {k: v for k, v in batch().items() if k != "labels"}
 
 
-@pytest.mark.parametrize("model_fn,mode", [(tiny_bert, "row"), (tiny_bert, "column"), (tiny_gpt2, "row"), (tiny_bert, "entries")])
+def index_lists(model):
+    return {n: {k: v.tolist() for k, v in l.index_sets.items()} for n, l in rocoft_layers(model).items()}
+
+
+@pytest.mark.parametrize(
+    "model_fn,mode",
+    [(tiny_bert, "row"), (tiny_bert, "column"), (tiny_gpt2, "row"), (tiny_bert, "entries"), (tiny_bert, "both"),
+     (tiny_gpt2, "both")],
+)
 def test_round_trip_onto_a_fresh_model(tmp_path, model_fn, mode):
     model = trained(model_fn, mode=mode)
     save_adapter(model, tmp_path)
     fresh = model_fn()
     report = load_adapter(fresh, tmp_path)
     torch.testing.assert_close(fresh(**inputs()).logits, model(**inputs()).logits, rtol=0, atol=0)
-    assert {n: l.indices.tolist() for n, l in rocoft_layers(fresh).items()} == {
-        n: l.indices.tolist() for n, l in rocoft_layers(model).items()
-    }
-    assert report.trainable_params == sum(p.numel() for p in fresh.parameters() if p.requires_grad)
+    assert index_lists(fresh) == index_lists(model)
+    for name, layer in rocoft_layers(model).items():  # bit-identical, the inert overlap of 'both' included
+        assert all(torch.equal(d, rocoft_layers(fresh)[name].deltas[k]) for k, d in layer.deltas.items())
+    overlap = sum(l.num_stored - l.num_trainable for l in rocoft_layers(fresh).values())  # 'both' only
+    assert (overlap > 0) == (mode == "both")
+    assert report.trainable_params == sum(p.numel() for p in fresh.parameters() if p.requires_grad) - overlap
 
 
 def test_files_are_small_and_describe_the_base_model(tmp_path):
@@ -186,3 +196,27 @@ def test_merged_inside_a_holder_module_the_advice_works_on_the_holder(tmp_path):
     assert rocoft_layers(holder.model) and "_rocoft_merged_layers" not in holder.model.__dict__
     save_adapter(holder, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_both_adapter_holds_both_index_sets_and_deltas(tmp_path):
+    model = trained(mode="both", rank=2)
+    save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    q = "bert.encoder.layer.0.attention.self.query"
+    keys = {k for k in tensors if k.startswith(q + ".")}
+    assert keys == {f"{q}.{k}" for k in ("delta", "indices", "delta_columns", "column_indices", "base.bias")}
+    assert tensors[f"{q}.delta"].shape == (2, 16) and tensors[f"{q}.delta_columns"].shape == (16, 2)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["config"]["mode"] == "both"
+    # 12 matrices of 2 x (in + out) - 2 x 2 each, plus biases and the head
+    assert meta["report"]["rocoft_params"] == sum(2 * (l.in_features + l.out_features) - 4 for l in rocoft_layers(model).values())
+    # loading onto a model adapted in another mode is refused; onto one adapted in 'both', it overwrites
+    other = tiny_bert()
+    apply_rocoft(other, RoCoFTConfig(rank=2, selection="random", seed=3, train_bias=True))
+    with pytest.raises(ValueError, match=r"delta shape \(2, 16\), \(16, 2\) \(both\) != the model's RoCoFT layer \(2, 16\) \(row\)"):
+        load_adapter(other, tmp_path)
+    same = tiny_bert()
+    apply_rocoft(same, RoCoFTConfig(mode="both", rank=2, seed=9, train_bias=True))
+    load_adapter(same, tmp_path)
+    assert index_lists(same) == index_lists(model)
+    torch.testing.assert_close(same(**inputs()).logits, model(**inputs()).logits, rtol=0, atol=0)

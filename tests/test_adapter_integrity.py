@@ -180,15 +180,18 @@ def materialise(model, base_state):
     return model
 
 
-def test_load_onto_the_meta_device_keeps_the_deltas_through_materialisation(tmp_path):
-    model = trained(modules_to_save=[], train_bias=False)  # only deltas: see the next test for heads
+@pytest.mark.parametrize("mode", ["row", "both"])
+def test_load_onto_the_meta_device_keeps_the_deltas_through_materialisation(tmp_path, mode):
+    model = trained(modules_to_save=[], train_bias=False, mode=mode)  # only deltas: see the next test for heads
     save_adapter(model, tmp_path)
     meta = bert_on_meta()
     report = load_adapter(meta, tmp_path)
     assert report.rocoft_params == sum(l.num_trainable for l in rocoft_layers(model).values())
     materialise(meta, tiny_bert().state_dict())
     for name, layer in rocoft_layers(model).items():
-        assert torch.equal(rocoft_layers(meta)[name].delta, layer.delta), name
+        loaded = rocoft_layers(meta)[name]
+        assert all(torch.equal(loaded.deltas[k], d) for k, d in layer.deltas.items()), name
+        assert all(torch.equal(loaded.index_sets[k], i) for k, i in layer.index_sets.items()), name
     torch.testing.assert_close(logits(meta), logits(model), rtol=0, atol=0)
 
 
@@ -201,7 +204,8 @@ def test_heads_and_biases_onto_the_meta_device_are_refused(tmp_path):
     assert [type(m) for m in meta.modules()] == types
 
 
-def test_init_on_meta_path_of_the_causal_lm_module_loads_the_adapter(tmp_path):
+@pytest.mark.parametrize("mode", ["row", "both"])
+def test_init_on_meta_path_of_the_causal_lm_module_loads_the_adapter(tmp_path, mode):
     """CausalLMModule(init_on_meta=True): the callback's load_adapter_from runs on the meta-built model, then
     materialize_and_load fills in the base weights; the adapter's deltas must survive it."""
     sys.path.insert(0, str(SCRIPTS))
@@ -212,10 +216,11 @@ def test_init_on_meta_path_of_the_causal_lm_module_loads_the_adapter(tmp_path):
 
     tl.tiny_llama().save_pretrained(tmp_path / "base")
     eager = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
-    apply_rocoft(eager, RoCoFTConfig(rank=2, selection="random", seed=1))
+    apply_rocoft(eager, RoCoFTConfig(mode=mode, rank=2, selection="random", seed=1))
     with torch.no_grad():
         for layer in rocoft_layers(eager).values():
-            layer.delta.normal_(std=0.5)
+            for delta in layer.deltas.values():
+                delta.normal_(std=0.5)
     save_adapter(eager, tmp_path / "adapter")
 
     module = CausalLMModule(str(tmp_path / "base"), init_on_meta=True)
@@ -349,6 +354,71 @@ def with_nonfinite_delta(value):
 )
 def test_damaged_contents_are_refused_before_any_change(tmp_path, damage, match):
     save_adapter(trained(), tmp_path)
+    damage(tmp_path)
+    fresh = tiny_bert()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=match):
+        load_adapter(fresh, tmp_path)
+    assert_unchanged(fresh, before)
+
+
+# A 'both' adapter; intermediate.dense is 24 x 16, so row (< 24) and column (< 16) ranges differ.
+DENSE = "bert.encoder.layer.0.intermediate.dense"
+
+
+def both_with(key, value):
+    def damage(path):
+        t = load_file(path / WEIGHTS)
+        t[f"{DENSE}.{key}"] = value(t[f"{DENSE}.{key}"]) if callable(value) else value
+        resave(path, t)
+
+    return damage
+
+
+def one_column(path):
+    t = load_file(path / WEIGHTS)
+    t[f"{DENSE}.column_indices"] = t[f"{DENSE}.column_indices"][:1].clone()
+    t[f"{DENSE}.delta_columns"] = t[f"{DENSE}.delta_columns"][:, :1].clone()
+    resave(path, t)
+
+
+def drop_delta_columns(path):
+    t = load_file(path / WEIGHTS)
+    t.pop(f"{DENSE}.delta_columns")
+    resave(path, t)
+
+
+def flip_a_delta_columns_byte(path):
+    start, _ = tensor_bytes(path, f"{DENSE}.delta_columns")
+    raw = bytearray((path / WEIGHTS).read_bytes())
+    raw[start] ^= 0x01
+    (path / WEIGHTS).write_bytes(bytes(raw))
+
+
+def nan_in(d):
+    d = d.clone()
+    d[0, 0] = float("nan")
+    return d
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (flip_a_delta_columns_byte, "corrupt or was changed after saving"),
+        (both_with("column_indices", torch.tensor([1.0, 4.0])), "column_indices must be a 1-D int64 tensor, got torch.float32"),
+        (both_with("column_indices", torch.tensor([1, 16])), r"column indices empty or outside \[0, 16\) for a 24x16"),
+        (both_with("column_indices", torch.tensor([-1, 3])), r"column indices empty or outside \[0, 16\)"),
+        (both_with("column_indices", torch.tensor([4, 4])), "column indices are not unique"),
+        (both_with("indices", torch.tensor([1, 24])), r"row indices empty or outside \[0, 24\)"),
+        (one_column, "1 column indices, but the stored config says rank 2"),
+        (both_with("delta_columns", torch.zeros(16, 2)), r"delta_columns shape \(16, 2\).*does not fit both mode.*expected floating point \(24, 2\)"),
+        (both_with("delta_columns", nan_in), r"NaN / inf values.*delta_columns"),
+        (drop_delta_columns, "missing keys"),
+        (lambda path: resave(path, mode="row"), "unexpected keys"),
+    ],
+)
+def test_damaged_both_adapters_are_refused_before_any_change(tmp_path, damage, match):
+    save_adapter(trained(mode="both"), tmp_path)
     damage(tmp_path)
     fresh = tiny_bert()
     before = snapshot(fresh)

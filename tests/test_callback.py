@@ -60,7 +60,7 @@ def test_fit_trains_only_rocoft_and_head_and_saves_adapter(tmp_path):
     torch.testing.assert_close(fresh(**batch).logits, module.model(**batch).logits)
 
 
-@pytest.mark.parametrize("mode", ["row", "column"])
+@pytest.mark.parametrize("mode", ["row", "column", "both"])
 def test_fit_in_bf16_mixed_uses_the_fused_nodes_and_keeps_fp32_deltas(tmp_path, mode):
     module = Classifier()
     frozen_before = module.model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
@@ -71,8 +71,9 @@ def test_fit_in_bf16_mixed_uses_the_fused_nodes_and_keeps_fp32_deltas(tmp_path, 
     module.on_fit_start = lambda: [l.register_forward_hook(hook) for l in rocoft_layers(module).values()]
     t.fit(module, loader())
     layer = module.model.bert.encoder.layer[0].attention.self.query
-    assert nodes and all(n.startswith("_RowDelta" if mode == "row" else "_ColumnDelta") for n in nodes)
-    assert layer.delta.dtype == torch.float32 and layer.delta.abs().sum() > 0
+    node = {"row": "_RowDelta", "column": "_ColumnDelta", "both": "_RowColumnDelta"}[mode]
+    assert nodes and all(n.startswith(node) for n in nodes)
+    assert all(d.dtype == torch.float32 and d.abs().sum() > 0 for d in layer.deltas.values())
     assert torch.equal(layer.base.weight, frozen_before)
 
 
@@ -294,3 +295,76 @@ def test_print_layers_shows_the_table(tmp_path, rocoft_log):
     shown = _messages(records)
     assert TABLE_HEADER in shown and "bert.encoder.layer.1.output.dense" in shown
     assert "trainable parameters:" in shown
+
+
+# -- mode 'both' ------------------------------------------------------------------------------------------
+def test_fit_in_mode_both_changes_only_the_selected_rows_and_columns(tmp_path):
+    from rocoft_pl import merge_rocoft
+
+    module = Classifier()
+    w0 = {n: p.detach().clone() for n, p in module.model.named_parameters() if n.endswith(".weight")}
+    cb = RoCoFT(mode="both", rank=2, selection="random", seed=4, adapter_dir=str(tmp_path / "adapter"))
+    trainer(tmp_path, cb).fit(module, loader())
+    layers = rocoft_layers(module.model)
+    assert cb.report.rocoft_params == sum(2 * (l.in_features + l.out_features) - 4 for l in layers.values())
+    chosen = {n: (l.indices.tolist(), l.column_indices.tolist()) for n, l in layers.items()}
+    assert all(d.abs().sum() > 0 for l in layers.values() for d in l.deltas.values())
+    assert all(torch.equal(l.delta_columns[l.indices], torch.zeros(2, 2)) for l in layers.values())  # inert, untouched
+
+    fresh = tiny_bert()
+    load_adapter(fresh, tmp_path / "adapter")
+    batch = next(iter(loader()))
+    module.eval()
+    torch.testing.assert_close(fresh(**batch).logits, module.model(**batch).logits)
+
+    merge_rocoft(module.model)
+    for name, (rows, cols) in chosen.items():
+        merged, before = module.model.get_submodule(name).weight, w0[f"{name}.weight"]
+        selected = torch.zeros_like(before, dtype=torch.bool)
+        selected[rows] = True
+        selected[:, cols] = True
+        changed = merged.ne(before)
+        assert changed[selected].all(), name
+        assert torch.equal(merged[~selected], before[~selected]), name
+
+
+def test_wanda_in_mode_both_calibrates_and_resumes_from_an_adapter_only_checkpoint(tmp_path):
+    module = Classifier()
+    cb = RoCoFT(mode="both", rank=2, selection="max", calibration_batches=2, adapter_only_checkpoint=True)
+    t = trainer(tmp_path, cb, max_steps=2)
+    t.fit(module, loader())
+    ckpt = tmp_path / "both.ckpt"
+    t.save_checkpoint(ckpt)
+    chosen = {n: (l.indices.tolist(), l.column_indices.tolist()) for n, l in rocoft_layers(module).items()}
+    assert any(rows != [0, 1] for rows, _ in chosen.values()) and any(cols != [0, 1] for _, cols in chosen.values())
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all(k.endswith((".delta", ".delta_columns", ".indices", ".column_indices")) or ".classifier." in k for k in state)
+    assert sum(k.endswith(".column_indices") for k in state) == 12
+
+    resumed = Classifier()
+    cb2 = RoCoFT(mode="both", rank=2, selection="max", adapter_only_checkpoint=True)
+    trainer(tmp_path, cb2, max_steps=2).fit(resumed, loader(), ckpt_path=ckpt)
+    assert {n: (l.indices.tolist(), l.column_indices.tolist()) for n, l in rocoft_layers(resumed).items()} == chosen
+    for name, layer in rocoft_layers(module).items():
+        for key, d in layer.deltas.items():
+            torch.testing.assert_close(rocoft_layers(resumed)[name].deltas[key], d)
+
+
+def test_rank_zero_indices_replace_both_index_sets_on_every_rank():
+    """What DDP / FSDP2 runs after Wanda (tests/test_distributed.py runs it for rows): here with a stand-in
+    strategy whose broadcast returns rank 0's choice, for the two index sets of mode 'both'."""
+    from types import SimpleNamespace
+
+    from rocoft_pl import RoCoFTConfig, apply_rocoft
+    from rocoft_pl.callback import _use_rank_zero_indices
+
+    module = Classifier()
+    apply_rocoft(module, RoCoFTConfig(mode="both", rank=2))
+    rank0 = {n: {"indices": torch.tensor([3, 5]), "column_indices": torch.tensor([1, 7])} for n in rocoft_layers(module)}
+    sent = []
+    strategy = SimpleNamespace(broadcast=lambda obj, src: sent.append(obj) or rank0)
+    _use_rank_zero_indices(SimpleNamespace(world_size=2, strategy=strategy), module)
+    assert set(sent[0][next(iter(sent[0]))]) == {"indices", "column_indices"}
+    for layer in rocoft_layers(module).values():
+        assert layer.indices.tolist() == [3, 5] and layer.column_indices.tolist() == [1, 7]
+        assert {k: v.tolist() for k, v in layer.cpu_indices().items()} == {"indices": [3, 5], "column_indices": [1, 7]}

@@ -107,6 +107,6 @@ def test_bad_value_from_the_command_line_exits_with_the_message(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-3000:]  # argparse's usage-error status
     assert 'Parser key "mode"' in proc.stderr and "Got value: diagonal" in proc.stderr, proc.stderr[-3000:]
-    assert "Literal['row', 'column', 'entries']" in proc.stderr
+    assert "Literal['row', 'column', 'entries', 'both']" in proc.stderr
     assert "Traceback" not in proc.stderr  # a usage error, not a crash
     assert not (tmp_path / "run").exists()

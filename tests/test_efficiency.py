@@ -8,7 +8,7 @@ import torch
 
 from benchmark.cli import main
 from benchmark.efficiency import DEFAULT_METHODS, build_base, make_batch, paired_ratio, saved_activation_bytes
-from rocoft_pl import RoCoFTConfig, apply_rocoft
+from rocoft_pl import RoCoFTConfig, apply_rocoft, rocoft_layers
 from rocoft_pl.inject import find_targets
 from rocoft_pl.layers import features
 
@@ -129,3 +129,30 @@ def test_adapter_bound_and_targets_reported(result):
     checked = " ".join(c["target"] for c in data["targets"])
     for target in ("step / floor", "step / lora-r8", "step / alg1-row-r3", "step / full", "merged inference"):
         assert target in checked
+
+
+def test_rocoft_both_method_names_parse_like_rows_and_count_the_overlap_once():
+    from benchmark.efficiency import build_method
+
+    base = build_base("bert-tiny-config")
+    method = build_method("rocoft-both-r2", base)
+    report = apply_rocoft(build_base("bert-tiny-config"), RoCoFTConfig(mode="both", rank=2))
+    assert method.name == "rocoft-both-r2" and method.rocoft_params == report.rocoft_params
+    layers = rocoft_layers(method.model)
+    assert layers and all(l.mode == "both" and l.indices.numel() == l.column_indices.numel() == 2 for l in layers.values())
+    # trainable_params (training state) holds the stored tensors: the r x r overlap twice per matrix
+    assert sum(p.numel() for p in method.trainable) == report.trainable_params + 4 * len(layers)
+    assert "rocoft-both-r1" not in DEFAULT_METHODS  # off by default
+    with pytest.raises(ValueError, match="unknown method 'rocoft-both'"):
+        build_method("rocoft-both", base)
+
+
+def test_cli_accepts_rocoft_both(tmp_path):
+    out = tmp_path / "both"
+    argv = ["efficiency", "--model", "bert-tiny-config", "--batch-size", "2", "--seq-len", "8", "--repeats", "1",
+            "--warmup", "0", "--device", "cpu", "--methods", "floor,rocoft-both-r1", "--output-dir", str(out)]
+    assert main(argv) == 0
+    rows = {row["method"]: row for row in json.loads((out / "efficiency.json").read_text())["methods"]}
+    report = apply_rocoft(build_base("bert-tiny-config"), RoCoFTConfig(mode="both", rank=1))
+    assert rows["rocoft-both-r1"]["rocoft_params"] == report.rocoft_params
+    assert rows["rocoft-both-r1"]["adapter_bytes"] > 0 and rows["rocoft-both-r1"]["merged_infer_vs_base"] > 0

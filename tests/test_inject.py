@@ -139,6 +139,8 @@ def test_applying_twice_is_refused():
     "kwargs,match",
     [
         (dict(mode="diagonal"), "mode"),
+        (dict(mode="both", selection="first", p=0.0), "p must"),
+        (dict(mode="both", rank=0), "rank"),
         (dict(rank=0), "rank"),
         (dict(rank=1.5), "rank"),
         (dict(p=0.0), "p must"),
@@ -157,14 +159,15 @@ def test_config_validation(kwargs, match):
 
 
 @pytest.mark.parametrize("model_fn", [tiny_bert, tiny_gpt2])
-@pytest.mark.parametrize("mode", ["row", "column", "entries"])
+@pytest.mark.parametrize("mode", ["row", "column", "entries", "both"])
 def test_merge_equals_unmerged_and_save_pretrained_round_trips(tmp_path, model_fn, mode):
     model = model_fn()
     cfg = RoCoFTConfig(mode=mode, rank=2, selection="random" if mode == "entries" else "first", p=0.2)
     apply_rocoft(model, cfg)
     with torch.no_grad():
         for layer in rocoft_layers(model).values():
-            layer.delta.normal_(std=0.1)
+            for delta in layer.deltas.values():
+                delta.normal_(std=0.1)
     b = batch()
     b = {k: v for k, v in b.items() if k != "labels"}
     before = model(**b).logits
@@ -177,14 +180,16 @@ def test_merge_equals_unmerged_and_save_pretrained_round_trips(tmp_path, model_f
 
 
 @pytest.mark.parametrize("model_fn", [tiny_bert, tiny_gpt2])
-def test_unmerge_puts_the_trainable_layers_back_and_w0_exactly(model_fn):
+@pytest.mark.parametrize("mode", ["row", "both"])
+def test_unmerge_puts_the_trainable_layers_back_and_w0_exactly(model_fn, mode):
     model = model_fn()
-    apply_rocoft(model, RoCoFTConfig(rank=2))
+    apply_rocoft(model, RoCoFTConfig(rank=2, mode=mode))
     with torch.no_grad():
         for layer in rocoft_layers(model).values():
-            layer.delta.normal_(std=0.1)
+            for delta in layer.deltas.values():
+                delta.normal_(std=0.1)
     w0 = {n: l.base.weight.clone() for n, l in rocoft_layers(model).items()}
-    deltas = {n: l.delta for n, l in rocoft_layers(model).items()}
+    deltas = {n: l.deltas for n, l in rocoft_layers(model).items()}
     b = {k: v for k, v in batch().items() if k != "labels"}
     before = model(**b).logits
     merge_rocoft(model)
@@ -192,11 +197,12 @@ def test_unmerge_puts_the_trainable_layers_back_and_w0_exactly(model_fn):
     layers = rocoft_layers(model)
     assert set(layers) == set(w0)
     for name, layer in layers.items():
-        assert torch.equal(layer.base.weight, w0[name]) and layer.delta is deltas[name]
+        assert torch.equal(layer.base.weight, w0[name])
+        assert all(d is deltas[name][k] for k, d in layer.deltas.items())
     after = model(**b).logits
     torch.testing.assert_close(after, before)
     after.square().mean().backward()  # trains again: gradients reach the deltas
-    assert all(l.delta.grad is not None and l.delta.grad.abs().sum() > 0 for l in layers.values())
+    assert all(d.grad is not None and d.grad.abs().sum() > 0 for l in layers.values() for d in l.deltas.values())
     merge_rocoft(model)  # and merges again
     assert not rocoft_layers(model)
 
@@ -228,15 +234,20 @@ def perturbed(model, config):
     apply_rocoft(model, config)
     with torch.no_grad():
         for layer in rocoft_layers(model).values():
-            layer.delta.normal_(std=0.1)
+            for delta in layer.deltas.values():
+                delta.normal_(std=0.1)
     return {n: l.delta.detach().clone() for n, l in rocoft_layers(model).items()}
 
 
 def weights(model):
-    return {n.replace(".base.", "."): p.detach().clone() for n, p in model.named_parameters() if not n.endswith(".delta")}
+    return {
+        n.replace(".base.", "."): p.detach().clone()
+        for n, p in model.named_parameters()
+        if not n.endswith((".delta", ".delta_columns"))
+    }
 
 
-@pytest.mark.parametrize("mode", ["row", "column", "entries"])
+@pytest.mark.parametrize("mode", ["row", "column", "entries", "both"])
 def test_two_merges_with_an_apply_between_are_undone_one_by_one_exactly(mode):
     """apply -> merge -> apply -> merge -> unmerge -> unmerge: both records are kept (a stack)."""
     model = tiny_bert()
@@ -279,3 +290,62 @@ def test_merging_again_on_the_holder_of_an_inner_merge_is_refused():
         merge_rocoft(holder)
     merge_rocoft(holder.model)  # one stack: fine
     assert len(holder.model.__dict__["_rocoft_merged_layers"]) == 2
+
+
+# -- mode 'both' -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size,rank,expected",
+    [({}, 1, 165_816), ({}, 3, 497_016), (LARGE, 1, 442_224), (LARGE, 3, 1_325_808)],
+)
+def test_both_counts_rows_plus_columns_with_the_overlap_once(size, rank, expected):
+    """Per matrix r*in + r*out - r*r: the row count plus the column count (equal for the default targets)
+    minus r*r for each of the 6 matrices of every block; the tensors hold r*r more per matrix."""
+    model = roberta_on_meta(**size)
+    report = apply_rocoft(model, RoCoFTConfig(mode="both", rank=rank))
+    row = apply_rocoft(roberta_on_meta(**size), RoCoFTConfig(mode="row", rank=rank)).rocoft_params
+    matrices = 6 * model.config.num_hidden_layers
+    assert report.rocoft_params == expected == 2 * row - matrices * rank * rank
+    assert all(m.trainable == rank * (m.in_features + m.out_features - rank) for m in report.modules)
+    assert all(m.selected == 2 * rank and m.mode == "both" for m in report.modules)
+    stored = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".delta", ".delta_columns")))
+    assert stored == expected + matrices * rank * rank
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert report.trainable_params == expected + head and report.other_trainable_params == 0
+    assert f"{expected:,}" in str(report) and "both" in report.table()
+
+
+def test_both_freezes_everything_but_the_two_deltas_bias_and_head():
+    model = tiny_bert()
+    report = apply_rocoft(model, RoCoFTConfig(mode="both", rank=2, train_bias=True))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith((".delta", ".delta_columns", ".base.bias")) or n.startswith("classifier.") for n in trainable)
+    assert sum(n.endswith(".delta_columns") for n in trainable) == 12
+    overlap = 12 * 2 * 2
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == report.trainable_params + overlap
+
+
+def test_both_on_gpt2_conv1d_rows_are_output_features_and_columns_input_features():
+    model = tiny_gpt2()
+    apply_rocoft(model, RoCoFTConfig(mode="both", rank=2))
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.transposed and (layer.out_features, layer.in_features) == (48, 16)
+    assert layer.delta.shape == (2, 16) and layer.delta_columns.shape == (48, 2)
+    ref = tiny_gpt2()
+    ids = batch()["input_ids"]
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)  # zero deltas: the base model
+
+
+def test_explicit_both_indices_and_a_missing_column_set_is_refused_with_the_model_intact():
+    model = tiny_bert()
+    names = [n for n, m in model.named_modules() if n.endswith(("query", "key"))]
+    cfg = RoCoFTConfig(mode="both", rank=1, targets=["query", "key"])
+    explicit = {n: {"indices": torch.tensor([3]), "column_indices": torch.tensor([5])} for n in names}
+    apply_rocoft(model, cfg, indices=explicit)
+    assert all(l.indices.tolist() == [3] and l.column_indices.tolist() == [5] for l in rocoft_layers(model).values())
+    fresh = tiny_bert()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="mode 'both' needs them"):
+        apply_rocoft(fresh, cfg, indices={n: torch.tensor([3]) for n in names})
+    assert [type(m) for m in fresh.modules()] == before[2]

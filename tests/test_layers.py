@@ -1,4 +1,4 @@
-"""RoCoFTLinear numerics against the dense reference W0 + R / W0 + C, gradients, merge, meta device."""
+"""RoCoFTLinear numerics against the dense reference W0 + R / W0 + C / W0 + R + C, gradients, merge, meta device."""
 
 import pytest
 import torch
@@ -24,19 +24,51 @@ def logical_weight(base: nn.Module) -> torch.Tensor:
     return base.weight.t() if isinstance(base, Conv1D) else base.weight
 
 
+def make_layer(base, mode, idx):
+    """Mode 'both' takes idx as (rows, columns)."""
+    if mode == "both":
+        return RoCoFTLinear(base, mode, torch.tensor(idx[0]), torch.tensor(idx[1]))
+    return RoCoFTLinear(base, mode, torch.tensor(idx))
+
+
 def layer_with_random_delta(kind, mode, idx, dtype=torch.float32):
     base = make_base(kind, dtype)
-    layer = RoCoFTLinear(base, mode, torch.tensor(idx))
+    layer = make_layer(base, mode, idx)
     with torch.no_grad():
-        layer.delta.normal_()
+        for delta in layer.deltas.values():  # in mode 'both' also the overlap block of the column delta
+            delta.normal_()
     return layer
 
 
+def selected_mask(mode, idx):
+    """Which entries of the (out x in) weight the deltas update."""
+    mask = torch.zeros(OUT, IN, dtype=torch.bool)
+    if mode == "row":
+        mask[idx] = True
+    elif mode == "column":
+        mask[:, idx] = True
+    elif mode == "both":
+        mask[idx[0]] = True
+        mask[:, idx[1]] = True
+    else:
+        mask.view(-1)[idx] = True
+    return mask
+
+
+def two_idx(mode):
+    return ([2, 3], [1, 4]) if mode == "both" else [2, 3]
+
+
 CASES = [("row", [1, 4, 6]), ("column", [0, 3]), ("entries", [0, 9, 17, 34])]
+# Rows and columns overlapping in a 3 x 3 block (the column delta's entries there are inert).
+BOTH = ("both", ([1, 4, 6], [0, 3, 4]))
+ALL = CASES + [BOTH]
+FUSED = CASES[:2] + [BOTH]
+NODES = {"row": "_RowDelta", "column": "_ColumnDelta", "both": "_RowColumnDelta"}
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("mode,idx", CASES)
+@pytest.mark.parametrize("mode,idx", ALL)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_forward_matches_dense_reference(kind, mode, idx, dtype, tol):
     layer = layer_with_random_delta(kind, mode, idx, dtype)
@@ -51,6 +83,11 @@ def test_forward_matches_dense_reference(kind, mode, idx, dtype, tol):
         assert nz.any(1).nonzero().flatten().tolist() == idx
     elif mode == "column":
         assert nz.any(0).nonzero().flatten().tolist() == idx
+    elif mode == "both":
+        assert torch.equal(nz, selected_mask(mode, idx))
+        # the overlap holds the row delta's values: the column delta's (random) entries there are not read
+        rows, cols = torch.tensor(idx[0]), torch.tensor(idx[1])
+        assert torch.equal(layer.delta_weight()[rows][:, cols], layer.delta.detach()[:, cols])
     else:
         assert nz.flatten().nonzero().flatten().tolist() == idx
 
@@ -83,7 +120,7 @@ def test_delta_gradient_equals_masked_full_weight_gradient(kind, mode, idx, toke
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("mode,idx", CASES)
+@pytest.mark.parametrize("mode,idx", ALL)
 @pytest.mark.parametrize("train_bias", [False, True])
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_input_and_bias_gradients_equal_the_dense_reference(kind, mode, idx, train_bias, tokens):
@@ -107,7 +144,7 @@ def test_input_and_bias_gradients_equal_the_dense_reference(kind, mode, idx, tra
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("mode,idx", CASES[:2])
+@pytest.mark.parametrize("mode,idx", FUSED)
 def test_fused_delta_under_torch_func_per_example_gradients(kind, mode, idx):
     """torch.func (vmap over grad) through the fused row / column nodes gives each example's own delta gradient."""
     from torch.func import functional_call, grad, vmap
@@ -127,7 +164,7 @@ def test_fused_delta_under_torch_func_per_example_gradients(kind, mode, idx):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("mode,idx", CASES[:2])
+@pytest.mark.parametrize("mode,idx", FUSED)
 @pytest.mark.parametrize("train_bias", [False, True])
 def test_fused_nodes_under_autocast_match_autocasts_two_op_path(kind, mode, idx, train_bias):
     layer = layer_with_random_delta(kind, mode, idx)
@@ -142,20 +179,24 @@ def test_fused_nodes_under_autocast_match_autocasts_two_op_path(kind, mode, idx,
         ref = F.linear(x, w, layer.base.bias)
         if mode == "row":
             ref = ref.index_add(-1, layer.indices, F.linear(x, layer.delta))
-        else:
+        elif mode == "column":
             ref = ref + F.linear(x.index_select(-1, layer.indices), layer.delta)
-    assert type(y.grad_fn).__name__.startswith("_RowDelta" if mode == "row" else "_ColumnDelta")
+        else:
+            ref = ref.index_add(-1, layer.indices, F.linear(x, layer.delta))
+            ref = ref + F.linear(x.index_select(-1, layer.column_indices), layer._column_delta())
+    assert type(y.grad_fn).__name__.startswith(NODES[mode])
     assert y.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
-    grads = torch.autograd.grad(y, [x, layer.delta] + [layer.base.bias] * train_bias, g)
-    refs = torch.autograd.grad(ref, [x, layer.delta] + [layer.base.bias] * train_bias, g)
+    wrt = [x, *layer.deltas.values()] + [layer.base.bias] * train_bias
+    grads = torch.autograd.grad(y, wrt, g)
+    refs = torch.autograd.grad(ref, wrt, g)
     for got, want in zip(grads, refs):
         assert got.dtype == want.dtype == torch.float32  # back in the parameters' and input's dtype
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("mode,idx", CASES[:2])
+@pytest.mark.parametrize("mode,idx", FUSED)
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_forward_without_grad_mode_equals_the_autograd_node(kind, mode, idx, autocast):
     """no_grad / inference_mode run the node's forward as a plain function: same values, no graph."""
@@ -168,15 +209,15 @@ def test_fused_forward_without_grad_mode_equals_the_autograd_node(kind, mode, id
             no_grad = layer(x)
         with torch.inference_mode():
             inference = layer(x)
-    assert type(with_graph.grad_fn).__name__.startswith("_RowDelta" if mode == "row" else "_ColumnDelta")
+    assert type(with_graph.grad_fn).__name__.startswith(NODES[mode])
     assert no_grad.grad_fn is None and inference.grad_fn is None
     assert torch.equal(no_grad, with_graph.detach()) and torch.equal(inference, with_graph.detach())
     assert no_grad.dtype == (torch.bfloat16 if autocast else torch.float32)
 
 
-@pytest.mark.parametrize("mode", ["row", "column"])
+@pytest.mark.parametrize("mode", ["row", "column", "both"])
 def test_under_autocast_no_low_precision_copy_of_w0_is_kept_for_backward(mode):
-    layer = layer_with_random_delta("linear", mode, [2, 3])
+    layer = layer_with_random_delta("linear", mode, two_idx(mode))
     layer.base.requires_grad_(False)
     saved = []
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -191,10 +232,10 @@ def test_under_autocast_no_low_precision_copy_of_w0_is_kept_for_backward(mode):
     assert any(t.numel() == OUT * IN and t.dtype == torch.bfloat16 for t in saved)
 
 
-@pytest.mark.parametrize("mode", ["row", "column"])
+@pytest.mark.parametrize("mode", ["row", "column", "both"])
 def test_no_full_size_weight_saved_or_materialised(mode):
-    """Row/column backward keeps no (out x in) tensor except the frozen W0 itself."""
-    layer = layer_with_random_delta("linear", mode, [2, 3])
+    """Row/column/both backward keeps no (out x in) tensor except the frozen W0 itself."""
+    layer = layer_with_random_delta("linear", mode, two_idx(mode))
     layer.base.requires_grad_(False)
     x = torch.randn(4, IN, requires_grad=True)
     saved = []
@@ -208,12 +249,12 @@ def test_no_full_size_weight_saved_or_materialised(mode):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("mode,idx", CASES)
+@pytest.mark.parametrize("mode,idx", ALL)
 def test_adamw_with_weight_decay_changes_only_selected_weights(kind, mode, idx):
-    layer = RoCoFTLinear(make_base(kind), mode, torch.tensor(idx))
+    layer = make_layer(make_base(kind), mode, idx)
     layer.base.requires_grad_(False)
     w0 = logical_weight(layer.base).detach().clone()
-    opt = torch.optim.AdamW([layer.delta], lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(layer.deltas.values(), lr=1e-2, weight_decay=0.1)
     for _ in range(5):
         opt.zero_grad()
         layer(torch.randn(8, IN)).pow(2).mean().backward()
@@ -221,19 +262,13 @@ def test_adamw_with_weight_decay_changes_only_selected_weights(kind, mode, idx):
     assert torch.equal(logical_weight(layer.base), w0)  # W0 untouched during training
     merged = logical_weight(layer.merge()).detach().contiguous()
     changed = merged.ne(w0)
-    selected = torch.zeros_like(changed)
-    if mode == "row":
-        selected[idx] = True
-    elif mode == "column":
-        selected[:, idx] = True
-    else:
-        selected.view(-1)[idx] = True
+    selected = selected_mask(mode, idx)
     assert changed[selected].all()
     assert torch.equal(merged[~selected], w0[~selected])  # bit-identical elsewhere
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("mode,idx", CASES)
+@pytest.mark.parametrize("mode,idx", ALL)
 def test_merge_matches_unmerged_output(kind, mode, idx):
     layer = layer_with_random_delta(kind, mode, idx)
     x = torch.randn(2, 3, IN)
@@ -245,7 +280,7 @@ def test_merge_matches_unmerged_output(kind, mode, idx):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("mode,idx", CASES)
+@pytest.mark.parametrize("mode,idx", ALL)
 def test_unmerge_restores_w0_bit_exactly_in_bf16(kind, mode, idx):
     layer = layer_with_random_delta(kind, mode, idx, torch.bfloat16)
     w0 = layer.base.weight.clone()
@@ -283,13 +318,159 @@ def test_indices_buffer_is_persistent_and_restored_by_state_dict():
 
 @pytest.mark.parametrize(
     "mode,idx,match",
-    [("row", [7], "out of range"), ("column", [5], "out of range"), ("row", [1, 1], "unique"), ("diag", [0], "mode")],
+    [
+        ("row", [7], "out of range"), ("column", [5], "out of range"), ("row", [1, 1], "unique"), ("diag", [0], "mode"),
+        ("both", ([7], [0]), r"row indices out of range \[0, 7\)"), ("both", ([0], [5]), r"column indices out of range \[0, 5\)"),
+        ("both", ([0, 1], [2, 2]), "column indices must be unique"), ("both", ([0], []), "at least one index"),
+    ],
 )
 def test_bad_indices_are_rejected(mode, idx, match):
     with pytest.raises(ValueError, match=match):
-        RoCoFTLinear(make_base("linear"), mode, torch.tensor(idx))
+        make_layer(make_base("linear"), mode, idx)
+
+
+def test_column_indices_go_with_mode_both_only():
+    with pytest.raises(ValueError, match="mode 'both' needs them"):
+        RoCoFTLinear(make_base("linear"), "both", torch.tensor([0]))
+    with pytest.raises(ValueError, match="column_indices go with mode 'both' only"):
+        RoCoFTLinear(make_base("linear"), "row", torch.tensor([0]), torch.tensor([1]))
 
 
 def test_rejects_unsupported_module():
     with pytest.raises(TypeError, match="nn.Linear or transformers Conv1D"):
         RoCoFTLinear(nn.Conv2d(1, 1, 1), "row", torch.tensor([0]))
+
+
+# -- mode 'both': r rows and r columns --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("shape", [(6,), (40,), (2, 3), (4, 10)], ids=["2d-6", "2d-40", "3d-6", "3d-40"])
+@pytest.mark.parametrize("train_bias", [False, True])
+def test_both_gradients_are_the_dense_gradient_on_rows_union_columns(kind, shape, train_bias):
+    """Each entry of rows u columns gets dL/dW once: the overlap through the row delta, the column delta's
+    overlap block gets zero; nothing outside the union; no full-size weight gradient."""
+    rows, cols = [1, 4, 6], [0, 3, 4]
+    layer = layer_with_random_delta(kind, "both", (rows, cols))
+    layer.base.weight.requires_grad_(False)
+    layer.base.bias.requires_grad_(train_bias)
+    x = torch.randn(*shape, IN, requires_grad=True)
+    target = torch.randn(*shape, OUT)
+    F.mse_loss(layer(x), target).backward()
+
+    w = (logical_weight(layer.base) + layer.delta_weight()).detach().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    b_ref = layer.base.bias.detach().clone().requires_grad_(True)
+    F.mse_loss(F.linear(x_ref, w, b_ref), target).backward()
+    assert torch.equal(layer.delta_columns.grad[rows], torch.zeros(3, 3))
+    union = torch.zeros(OUT, IN)
+    union[:, cols] = layer.delta_columns.grad
+    union[rows] = layer.delta.grad
+    torch.testing.assert_close(union, w.grad * selected_mask("both", (rows, cols)))
+    torch.testing.assert_close(layer.delta.grad, w.grad[rows])
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    if train_bias:
+        torch.testing.assert_close(layer.base.bias.grad, b_ref.grad)
+    else:
+        assert layer.base.bias.grad is None
+    assert layer.base.weight.grad is None
+    assert layer.delta_columns.grad.stride() == layer.delta_columns.stride()  # stored as the (r x out) block
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_both_unfused_path_gives_the_fused_values_and_gradients(kind):
+    """A trainable W0 (or hooks, or mixed dtypes) takes the two-op path: same values and delta gradients."""
+    fused = layer_with_random_delta(kind, "both", ([0, 5], [1, 2]))
+    plain = layer_with_random_delta(kind, "both", ([0, 5], [1, 2]))
+    fused.base.requires_grad_(False)
+    x, g = torch.randn(3, 4, IN), torch.randn(3, 4, OUT)
+    y_fused, y_plain = fused(x), plain(x)
+    assert type(y_fused.grad_fn).__name__.startswith("_RowColumnDelta")
+    assert not type(y_plain.grad_fn).__name__.startswith("_RowColumnDelta")
+    torch.testing.assert_close(y_fused, y_plain)
+    y_fused.backward(g)
+    y_plain.backward(g)
+    for name in ("delta", "delta_columns"):
+        torch.testing.assert_close(getattr(fused, name).grad, getattr(plain, name).grad)
+
+
+def test_both_counts_the_overlap_once_and_ignores_the_column_deltas_copy_of_it():
+    rows, cols = [1, 4, 6], [0, 3, 4]
+    layer = layer_with_random_delta("linear", "both", (rows, cols))
+    r = 3
+    assert layer.num_trainable == r * IN + r * OUT - r * r == 27
+    assert layer.num_stored == r * IN + r * OUT == sum(d.numel() for d in layer.deltas.values())
+    assert layer.delta.shape == (r, IN) and layer.delta_columns.shape == (OUT, r)
+    x = torch.randn(4, IN)
+    before, dense = layer(x), layer.delta_weight()
+    with torch.no_grad():
+        layer.delta_columns[rows] = 1e3  # the overlap block: one set of weights, owned by the row delta
+    assert torch.equal(layer(x), before) and torch.equal(layer.delta_weight(), dense)
+    assert "trainable=27" in repr(layer)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_merge_adds_each_delta_once_and_unmerge_restores_w0_bit_exactly(kind, dtype):
+    layer = layer_with_random_delta(kind, "both", ([1, 4, 6], [0, 3, 4]), dtype)
+    w0 = logical_weight(layer.base).detach().clone()
+    expected = w0 + layer.delta_weight().detach()  # W0 + R + C, the overlap from R alone
+    x = torch.randn(2, 3, IN, dtype=dtype)
+    before = layer(x)
+    merged = layer.merge()
+    assert torch.equal(logical_weight(merged), expected)
+    torch.testing.assert_close(merged(x), before, **({} if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)))
+    assert torch.equal(layer(x), merged(x))
+    layer.unmerge()
+    assert torch.equal(logical_weight(layer.base), w0) and not layer.merged
+    assert torch.equal(layer(x), before)
+
+
+def test_both_meta_device_init_then_materialise_restores_indices_and_loaded_deltas():
+    with torch.device("meta"):
+        base = nn.Linear(IN, OUT)
+    layer = RoCoFTLinear(base, "both", torch.tensor([0, 5]), torch.tensor([1, 3]))
+    assert layer.delta.is_meta and layer.delta_columns.is_meta and layer.column_indices.is_meta
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert layer.indices.tolist() == [0, 5] and layer.column_indices.tolist() == [1, 3]
+    assert torch.equal(layer.delta, torch.zeros(2, IN)) and torch.equal(layer.delta_columns, torch.zeros(OUT, 2))
+
+    with torch.device("meta"):
+        base = nn.Linear(IN, OUT)
+    layer = RoCoFTLinear(base, "both", torch.tensor([0, 5]), torch.tensor([1, 3]))
+    d, dc = torch.randn(2, IN), torch.randn(OUT, 2)
+    layer.load_delta(d, dc)
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert torch.equal(layer.delta, d) and torch.equal(layer.delta_columns, dc)
+    with pytest.raises(ValueError, match="mode 'both' needs them"):
+        layer.load_delta(d)
+
+
+def test_both_index_buffers_are_persistent_and_restored_by_state_dict():
+    a = layer_with_random_delta("linear", "both", ([1, 2], [0, 4]))
+    b = make_layer(make_base("linear"), "both", ([3, 5], [1, 2]))
+    assert set(a.state_dict()) == {"delta", "delta_columns", "indices", "column_indices", "base.weight", "base.bias"}
+    b.load_state_dict(a.state_dict())
+    assert b.indices.tolist() == [1, 2] and b.column_indices.tolist() == [0, 4]
+    assert {k: v.tolist() for k, v in b.cpu_indices().items()} == {"indices": [1, 2], "column_indices": [0, 4]}
+    x = torch.randn(3, IN)
+    torch.testing.assert_close(b(x), a(x))
+
+
+def test_other_modes_have_no_column_tensors():
+    layer = layer_with_random_delta("linear", "row", [1, 2])
+    assert layer.delta_columns is None and layer.column_indices is None
+    assert set(layer.state_dict()) == {"delta", "indices", "base.weight", "base.bias"}
+    assert list(layer.deltas) == ["delta"] and list(layer.index_sets) == ["indices"]
+    assert layer.num_trainable == layer.num_stored == 2 * IN
+
+
+def test_every_config_mode_has_a_layout():
+    from rocoft_pl.config import MODES
+    from rocoft_pl.layers import PARTS
+
+    assert tuple(PARTS) == MODES
+    assert [p.indices for p in PARTS["both"]] == ["indices", "column_indices"]
+    assert [p.delta for p in PARTS["both"]] == ["delta", "delta_columns"]

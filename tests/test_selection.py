@@ -92,3 +92,57 @@ def test_wanda_on_a_transformer_with_extra_batch_keys():
     report = apply_rocoft(model, RoCoFTConfig(mode="row", rank=2, selection="mixed"), [b, b])
     assert report.rocoft_params > 0
     assert any(l.indices.tolist() != [0, 1] for l in rocoft_layers(model).values())
+
+
+# -- mode 'both': rows and columns, each by the same strategy over its own axis --------------------------
+
+
+def both_indices(model):
+    return {n: (l.indices.tolist(), l.column_indices.tolist()) for n, l in rocoft_layers(model).items()}
+
+
+def test_both_first_and_random_rows_and_independent_columns():
+    model = tiny_bert()
+    apply_rocoft(model, RoCoFTConfig(mode="both", rank=3, selection="first"))
+    assert all(v == ([0, 1, 2], [0, 1, 2]) for v in both_indices(model).values())
+
+    rows_only = tiny_bert()
+    apply_rocoft(rows_only, RoCoFTConfig(mode="row", rank=3, selection="random", seed=7))
+    picks = []
+    for _ in range(2):
+        m = tiny_bert()
+        apply_rocoft(m, RoCoFTConfig(mode="both", rank=3, selection="random", seed=7))
+        picks.append(both_indices(m))
+    assert picks[0] == picks[1]  # seeded
+    # The rows are the row mode's draw; the columns come from their own stream: on the square 16 x 16
+    # attention matrices the same stream would give the columns the very same set as the rows.
+    assert {n: rows for n, (rows, _) in picks[0].items()} == {n: l.indices.tolist() for n, l in rocoft_layers(rows_only).items()}
+    square = [n for n, l in rocoft_layers(m).items() if l.in_features == l.out_features]
+    assert square and all(picks[0][n][0] != picks[0][n][1] for n in square)
+    m = tiny_bert()
+    apply_rocoft(m, RoCoFTConfig(mode="both", rank=3, selection="random", seed=8))
+    assert both_indices(m) != picks[0]
+
+
+@pytest.mark.parametrize("selection,rows,columns", [("max", [0], [0]), ("min", [1], [3]), ("mixed", [0, 1], [0, 3])])
+def test_wanda_both_picks_rows_by_row_scores_and_columns_by_column_scores(selection, rows, columns):
+    # Row scores 3.1, 0.4, 2.0 and column scores 3.0, 1.0, 1.0, 0.5 (test_wanda_scores_and_padding_is_masked).
+    model, calib = constructed()
+    rank = 2 if selection == "mixed" else 1
+    apply_rocoft(model, RoCoFTConfig(mode="both", rank=rank, selection=selection, modules_to_save=[]), calib)
+    layer = model.blocks[0][0]
+    assert layer.indices.tolist() == rows and layer.column_indices.tolist() == columns
+
+
+def test_select_index_sets_and_select_indices_refuses_both():
+    from rocoft_pl.selection import select_index_sets, select_indices
+
+    layer = nn.Linear(4, 3)
+    sets = select_index_sets(layer, "l", "both", 2, 0.1, "random", 0)
+    assert set(sets) == {"indices", "column_indices"}
+    assert sets["indices"].max() < 3 and sets["column_indices"].max() < 4
+    assert set(select_index_sets(layer, "l", "column", 2, 0.1, "first", 0)) == {"indices"}
+    with pytest.raises(ValueError, match="select_index_sets"):
+        select_indices(layer, "l", "both", 2, 0.1, "first", 0)
+    with pytest.raises(ValueError, match="rank 4 exceeds the 3 rows"):
+        select_index_sets(layer, "l", "both", 4, 0.1, "first", 0)

@@ -188,7 +188,7 @@ def materialize_and_load(model: nn.Module, name_or_path: str, gguf_file: Optiona
     from ..inject import rocoft_layers
 
     real_buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
-    chosen = {n: layer._indices_cpu.clone() for n, layer in rocoft_layers(model).items()}
+    chosen = {n: layer.cpu_indices() for n, layer in rocoft_layers(model).items()}
     model.to_empty(device=device)
     for n, b in real_buffers.items():
         model.get_buffer(n).copy_(b)
@@ -203,13 +203,14 @@ def materialize_and_load(model: nn.Module, name_or_path: str, gguf_file: Optiona
         state = {mapping.get(k, k): v for k, v in full.items()}
         wanted = set(model.state_dict())
         state = {k: v for k, v in state.items() if k in wanted}
-        missing = {k for k in wanted - set(state) if not k.endswith((".delta", ".indices"))}
+        rocoft_keys = (".delta", ".indices", ".delta_columns", ".column_indices")
+        missing = {k for k in wanted - set(state) if not k.endswith(rocoft_keys)}
         if missing:
             raise ValueError(f"checkpoint {name_or_path} lacks {sorted(missing)[:5]}")
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=False)
     set_model_state_dict(model, state, options=options)
     for name, layer in rocoft_layers(model).items():  # loading may have overwritten them with empty memory
-        layer._indices_cpu = chosen[name]
+        layer.set_indices(chosen[name])
         layer.reset_parameters()
     return model
 
