@@ -10,7 +10,7 @@ share a config) and the key:
   ``model.init_args.learnig_rate`` or a value of the wrong type is caught. Configs that differ only in
   ``seed_everything`` are parsed once;
 * learning rates: every value under a key ``learning_rate``, ``lr``, ``*_lr`` or ``*_learning_rate`` (in the
-  config, lists included, and in method params) must be a number > 0 (null means unset and is left to the
+  config, lists included, and in method params) must be a number > 0 or "auto" (null means unset and is left to the
   parser).
 """
 
@@ -44,7 +44,7 @@ def _lr_values(node: Any, where: str) -> Iterator[tuple[str, Any]]:
 
 
 def _bad_lr(value: Any) -> Optional[str]:
-    if value is None:
+    if value is None or value == "auto":  # "auto": rocoft_pl.recipe's rule, resolved when the optimizer is built
         return None
     if isinstance(value, bool):
         return f"must be a number > 0, got {value!r}"

@@ -17,7 +17,7 @@ paper's Table 2 uses ("generate" in the results store), not lm-eval's log-likeli
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -245,7 +245,7 @@ class CausalLMModule(pl.LightningModule):
         self,
         model_name_or_path: str = "",
         gguf_file: Optional[str] = None,
-        learning_rate: float = 3e-4,
+        learning_rate: Union[float, Literal["auto"]] = 3e-4,
         weight_decay: float = 0.0,
         adam_epsilon: float = 1e-8,
         adam_betas: tuple[float, float] = (0.9, 0.999),

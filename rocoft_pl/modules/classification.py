@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -80,7 +80,7 @@ class SequenceClassificationModule(pl.LightningModule):
     Args:
         model_name_or_path: hub id, local directory, or ``pkg:<module>`` (see ``resolve_pretrained``).
         num_labels: classes (1 for regression). The CLI links it from ``data.num_labels``.
-        learning_rate: AdamW learning rate.
+        learning_rate: AdamW learning rate, or "auto": RoCoFT's rule for its mode and rank (rocoft_pl.recipe).
         head_learning_rate: learning rate of the task head (``classifier`` / ``score``); None: the same.
         weight_decay: AdamW weight decay (not on biases and norms). Note that on RoCoFT deltas decay pulls
             the adapted rows/columns toward W0, not toward 0.
@@ -102,7 +102,7 @@ class SequenceClassificationModule(pl.LightningModule):
         self,
         model_name_or_path: str,
         num_labels: int = 2,
-        learning_rate: float = 2e-5,
+        learning_rate: Union[float, Literal["auto"]] = 2e-5,
         head_learning_rate: Optional[float] = None,
         weight_decay: float = 0.0,
         adam_epsilon: float = 1e-8,

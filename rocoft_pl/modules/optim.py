@@ -1,6 +1,7 @@
 """AdamW with linear warm-up and a cosine / linear / constant schedule, shared by every task module.
 
-Reads the module's hyper-parameters (``self.save_hyperparameters()``): ``learning_rate``, ``weight_decay``,
+Reads the module's hyper-parameters (``self.save_hyperparameters()``): ``learning_rate`` (a number, or
+``"auto"``: rocoft_pl.recipe's rule for the model's RoCoFT mode and rank), ``weight_decay``,
 ``adam_epsilon``, ``adam_betas``, ``warmup_steps``, ``warmup_ratio``, ``scheduler`` and, when present,
 ``head_learning_rate``. Only parameters that still require gradients when the optimizer is built are
 given to it, so one module serves full fine-tuning, RoCoFT and the PEFT baselines alike.
@@ -35,8 +36,10 @@ def configure_adamw(module: pl.LightningModule) -> dict[str, Any]:
         get_linear_schedule_with_warmup,
     )
 
+    from ..recipe import resolve_learning_rate
+
     hp = module.hparams
-    lr = hp.learning_rate
+    lr = resolve_learning_rate(module, hp.learning_rate)  # "auto": RoCoFT's rule for its mode and rank
     head_lr = hp.get("head_learning_rate") or lr
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in module.named_parameters():

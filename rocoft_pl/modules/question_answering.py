@@ -36,7 +36,7 @@ import collections
 import math
 import re
 import string
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -304,7 +304,7 @@ class QuestionAnsweringModule(pl.LightningModule):
     def __init__(
         self,
         model_name_or_path: str,
-        learning_rate: float = 1e-4,
+        learning_rate: Union[float, Literal["auto"]] = 1e-4,
         head_learning_rate: Optional[float] = None,
         weight_decay: float = 0.0,
         adam_epsilon: float = 1e-8,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -85,7 +85,7 @@ class Seq2SeqModule(pl.LightningModule):
     def __init__(
         self,
         model_name_or_path: str,
-        learning_rate: float = 1e-4,
+        learning_rate: Union[float, Literal["auto"]] = 1e-4,
         weight_decay: float = 0.0,
         adam_epsilon: float = 1e-8,
         adam_betas: tuple[float, float] = (0.9, 0.999),
