@@ -116,3 +116,16 @@ def assert_adapters_close(got: dict, ref: dict) -> None:
         else:
             scale = ref[key].abs().max().item()
             torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5 * scale, msg=key)
+
+
+def trained(model_fn=tiny_bert, **cfg):
+    """A RoCoFT model (rank 2, random selection, biases trained) whose trainable tensors moved off zero."""
+    from rocoft_pl import RoCoFTConfig, apply_rocoft
+
+    model = model_fn()
+    apply_rocoft(model, RoCoFTConfig(**{"rank": 2, "selection": "random", "seed": 3, "train_bias": True, **cfg}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model

@@ -5,20 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import batch, tiny_bert, tiny_gpt2
+from conftest import batch, tiny_bert, tiny_gpt2, trained
 from safetensors.torch import load_file, save_file
 
 from rocoft_pl import RoCoFTConfig, apply_rocoft, load_adapter, merge_rocoft, rocoft_layers, save_adapter, unmerge_rocoft
-
-
-def trained(model_fn=tiny_bert, **cfg):
-    model = model_fn()
-    apply_rocoft(model, RoCoFTConfig(**{"rank": 2, "selection": "random", "seed": 3, "train_bias": True, **cfg}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def inputs():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch, tiny_bert, tiny_bert_config
+from conftest import batch, tiny_bert, tiny_bert_config, trained
 from safetensors.torch import load_file, save_file
 
 from rocoft_pl import RoCoFTConfig, apply_rocoft, load_adapter, merge_rocoft, rocoft_layers, save_adapter, unmerge_rocoft
@@ -22,16 +22,6 @@ from rocoft_pl.adapter import adapter_metadata, adapter_state_dict, config_of, w
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 SCRIPTS = Path(__file__).parent / "scripts"
-
-
-def trained(model_fn=tiny_bert, **cfg):
-    model = model_fn()
-    apply_rocoft(model, RoCoFTConfig(**{"rank": 2, "selection": "random", "seed": 3, "train_bias": True, **cfg}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def logits(model):
