@@ -1,7 +1,7 @@
 """AdamW with linear warm-up and a cosine / linear / constant schedule, shared by every task module.
 
 Reads the module's hyper-parameters (``self.save_hyperparameters()``): ``learning_rate`` (a number, or
-``"auto"``: rocoft_pl.recipe's rule for the model's RoCoFT mode and rank), ``weight_decay``,
+``"auto"``: rocoft_pl.recipe's rule for the model's RoCoFT mode and rank and the run's optimizer steps), ``weight_decay``,
 ``adam_epsilon``, ``adam_betas``, ``warmup_steps``, ``warmup_ratio``, ``scheduler`` and, when present,
 ``head_learning_rate``. Only parameters that still require gradients when the optimizer is built are
 given to it, so one module serves full fine-tuning, RoCoFT and the PEFT baselines alike.
@@ -39,7 +39,8 @@ def configure_adamw(module: pl.LightningModule) -> dict[str, Any]:
     from ..recipe import resolve_learning_rate
 
     hp = module.hparams
-    lr = resolve_learning_rate(module, hp.learning_rate)  # "auto": RoCoFT's rule for its mode and rank
+    total = int(module.trainer.estimated_stepping_batches)
+    lr = resolve_learning_rate(module, hp.learning_rate, total)  # "auto": RoCoFT's rule (mode, rank, budget)
     head_lr = hp.get("head_learning_rate") or lr
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
@@ -56,7 +57,6 @@ def configure_adamw(module: pl.LightningModule) -> dict[str, Any]:
         eps=hp.get("adam_epsilon", 1e-8),
         betas=tuple(hp.get("adam_betas", (0.9, 0.999))),
     )
-    total = int(module.trainer.estimated_stepping_batches)
     ratio = hp.get("warmup_ratio")
     warmup = int(ratio * total) if ratio is not None else hp.get("warmup_steps", 0)
     warmup = min(warmup, max(total - 1, 0))
