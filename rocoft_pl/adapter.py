@@ -47,6 +47,7 @@ from torch import nn
 from .config import RoCoFTConfig
 from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, merged_record, rocoft_layers, rocoft_report
 from .layers import PARTS, Part, RoCoFTLinear, features, is_supported_base
+from .reselect import NOT_CONSOLIDATED, is_folded
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -119,6 +120,8 @@ def _trainable_names(model: nn.Module) -> tuple[list[str], list[str]]:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Deltas, indices, trained biases and head weights, by name relative to the backbone (CPU tensors)."""
     model = find_backbone(model)
+    if is_folded(model):  # its delta covers only the current rows: saving it would drop every folded one
+        raise ValueError(f"cannot save the adapter: {NOT_CONSOLIDATED}")
     params = dict(model.named_parameters(remove_duplicate=False))
     layers = rocoft_layers(model)
     biases, heads = _trainable_names(model)

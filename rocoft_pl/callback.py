@@ -22,10 +22,12 @@ import itertools
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning_utilities.core.overrides import is_overridden as _is_overridden_against
 
 from .adapter import (
@@ -42,6 +44,20 @@ from .adapter import (
 )
 from .config import Mode, RoCoFTConfig, Selection
 from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, rocoft_layers
+from .reselect import (
+    CRITERIA,
+    RESELECT_MODES,
+    Criterion,
+    ProbeStats,
+    attach_probe,
+    consolidate,
+    fold,
+    folded_state,
+    is_folded,
+    pick,
+    reselect_generator,
+    scores_from_stats,
+)
 
 try:  # the standalone package of the same code (lightning depends on it); ~0.07 s once lightning is imported
     import pytorch_lightning as _ptl
@@ -83,6 +99,19 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
         print_layers: log the per-layer table (module, shape, rows/columns selected, trainable) at info
             level; by default only the summary lines are (the table goes to the ``rocoft_pl`` logger's
             debug level).
+        reselect_every: re-selection (modes 'row' and 'column'; off by default, None): every K optimizer
+            steps fold each delta into W0 and train the r rows (columns) ``reselect_by`` picks, with fresh
+            optimizer state (see ``rocoft_pl.reselect``). The criterion sees the batches of the step before
+            each round (a probe, all its micro-batches under gradient accumulation); no round after the last
+            step (max_steps). Under DDP every rank takes rank 0's choice; sharded strategies (FSDP, model
+            parallel, DeepSpeed) are refused. When fit ends the folds are consolidated into one adapter
+            exact against the original W0 over every row trained (rank R = the most rows a layer touched, up
+            to r * (rounds + 1)), which ``adapter_dir`` receives. Lightning checkpoints written after a round
+            hold a folded W0 without its original rows, so neither resuming nor evaluating from them is
+            exact: loading such a checkpoint is refused; evaluate the saved adapter instead.
+        reselect_by: the criterion: 'gradient' (largest norm of the full row's weight gradient on the probe),
+            'wanda' (Wanda score of W0 + R with the probe's input norms) or 'random' (seeded per module and
+            round).
     """
 
     def __init__(
@@ -100,6 +129,8 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
         load_adapter_from: Optional[str] = None,
         adapter_only_checkpoint: bool = False,
         print_layers: bool = False,
+        reselect_every: Optional[int] = None,
+        reselect_by: Criterion = "gradient",
     ) -> None:
         super().__init__()
         self.config = RoCoFTConfig(
@@ -124,6 +155,14 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
         self.adapter_only_checkpoint = adapter_only_checkpoint
         self.print_layers = print_layers
         self.report: Optional[RoCoFTReport] = None
+        _check_reselect(self.config, reselect_every, reselect_by, load_adapter_from)
+        self.reselect_every = reselect_every
+        self.reselect_by = reselect_by
+        self.reselect_rounds = 0  # rounds done in this fit
+        self._probe: Optional[dict[str, ProbeStats]] = None
+        self._probe_handles: list[Any] = []
+        self._probe_mask: Optional[Any] = None
+        self._step_before = 0
 
     # -- applying ---------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -132,6 +171,8 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
             self._check_adapter_dir(trainer)
         if self.load_adapter_from is not None:
             _check_adapter_files(self.load_adapter_from, read=True)  # every rank reads it
+        if stage == "fit" and self.reselect_every is not None:
+            _refuse_sharded_strategy(trainer)
         if rocoft_layers(pl_module) or getattr(pl_module, "_rocoft_deferred", False):
             return  # idempotent: setup runs again for validate / test / predict
         self._guard_checkpoint_loading(pl_module)
@@ -214,8 +255,89 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
             return source.dataloader()
         raise ValueError("Wanda selection (max/min/mixed) needs a training dataloader for calibration")
 
+    # -- re-selection ----------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.reselect_every is None:
+            return
+        self._step_before = trainer.global_step
+        self._probe_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if self._probe is None and self._round_due(trainer, trainer.global_step + 1):
+            # Every batch of the step before a round (all micro-batches under accumulation) is the probe.
+            self._probe, self._probe_handles = attach_probe(
+                rocoft_layers(pl_module), self.reselect_by, lambda: self._probe_mask
+            )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning calls this after the optimizer step; under gradient accumulation most batches do not step.
+        if self.reselect_every is None or trainer.global_step == self._step_before:
+            return
+        step = trainer.global_step
+        if step % self.reselect_every != 0:
+            return
+        if not self._round_due(trainer, step):
+            self._detach_probe()
+            return
+        try:
+            self._reselect(trainer, pl_module, step)
+        finally:
+            self._detach_probe()
+
+    def _round_due(self, trainer: pl.Trainer, step: int) -> bool:
+        """A round follows optimizer step ``step`` (1-based) unless it is the last one (max_steps)."""
+        last = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+        return step % self.reselect_every == 0 and not last  # type: ignore[operator]
+
+    def _detach_probe(self) -> None:
+        for handle in self._probe_handles:
+            handle.remove()
+        self._probe, self._probe_handles, self._probe_mask = None, [], None
+
+    def _reselect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """One round: scores, fold and new rows on every layer, rank 0's choice everywhere, fresh optimizer
+        state for the deltas."""
+        round_ = self.reselect_rounds + 1
+        layers = rocoft_layers(pl_module)
+        probe = self._probe or {}
+        old = {name: layer.indices.cpu() for name, layer in layers.items()}
+        for name, layer in layers.items():
+            stats = probe.get(name)
+            seen = None if stats is None else stats.grad_sq if self.reselect_by == "gradient" else stats.input_sq
+            if self.reselect_by == "random" or seen is not None:
+                new = pick(layer, scores_from_stats(layer, self.reselect_by, stats, reselect_generator(self.config.seed, name, round_)))
+            else:  # a layer the probe never reached (unused in that step) keeps its rows; its delta is folded
+                new = old[name]
+            fold(layer, new)
+        _use_rank_zero_indices(trainer, pl_module)  # scores come from each rank's own batches
+        changed = sum(int((~torch.isin(layer.indices.cpu(), old[n])).sum()) for n, layer in layers.items())
+        deltas = [d for layer in layers.values() for d in layer.deltas.values()]
+        for optimizer in trainer.optimizers:
+            for delta in deltas:
+                optimizer.state.pop(delta, None)
+        for delta in deltas:
+            delta.grad = None
+        self.reselect_rounds = round_
+        if trainer.is_global_zero:
+            touched = sum(_touched(layer) for layer in layers.values())
+            what = "rows" if self.config.mode == "row" else "columns"
+            log.info(
+                "RoCoFT re-selection round %d at step %d (%s): %d %s changed, %d touched so far in %d layers",
+                round_, step, self.reselect_by, changed, what, touched, len(layers),
+            )
+
     # -- saving -----------------------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._detach_probe()
+        if is_folded(pl_module):
+            # Every rank (the same deterministic change): the model is then an ordinary RoCoFT model again.
+            made = consolidate(pl_module)
+            if trainer.is_global_zero:
+                log.info(
+                    "RoCoFT re-selection: %d rounds consolidated into one adapter of rank %d (r=%d trained at a "
+                    "time; %d rows/columns touched in all), %d delta elements",
+                    self.reselect_rounds, made.rank, self.config.rank, sum(made.touched.values()), made.elements,
+                )
         if self.adapter_dir is None:
             return
         # Every rank gathers (FSDP2 shards are DTensors); only rank 0 writes.
@@ -235,7 +357,7 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict()}
+        return {"config": self.config.to_dict(), "reselect_rounds": self.reselect_rounds}
 
     def _guard_checkpoint_loading(self, pl_module: pl.LightningModule) -> None:
         """Refuse a checkpoint trained with another RoCoFT config. Lightning calls the module's
@@ -249,6 +371,13 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
             if saved is not None and saved != current:
                 changed = sorted(k for k in saved if saved[k] != current.get(k))
                 raise ValueError(f"checkpoint was trained with another RoCoFT config; fields differ: {changed}")
+            rounds = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("reselect_rounds", 0)
+            if rounds:
+                raise ValueError(
+                    f"checkpoint was written after {rounds} RoCoFT re-selection rounds: its W0 holds folded rows "
+                    "whose original values it does not keep, so the run cannot be resumed (or its adapter saved) "
+                    "exactly. Evaluate the adapter saved at the end of fit (adapter_dir) instead"
+                )
             original(checkpoint)
 
         pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
@@ -322,6 +451,41 @@ def _use_rank_zero_indices(trainer: pl.Trainer, pl_module: pl.LightningModule) -
     chosen = trainer.strategy.broadcast({n: layer.cpu_indices() for n, layer in layers.items()}, src=0)
     for name, layer in layers.items():
         layer.set_indices(chosen[name])
+
+
+def _touched(layer: Any) -> int:
+    """Rows (columns) a layer has trained so far: folded ones and the current ones."""
+    state = folded_state(layer)
+    current = layer.indices.cpu()
+    return int(current.numel() if state is None else torch.unique(torch.cat([state.touched.cpu(), current])).numel())
+
+
+def _check_reselect(
+    config: RoCoFTConfig, reselect_every: Optional[int], reselect_by: str, load_adapter_from: Optional[str]
+) -> None:
+    if reselect_by not in CRITERIA:
+        raise ValueError(f"reselect_by must be one of {CRITERIA}, got {reselect_by!r}")
+    if reselect_every is None:
+        return
+    if isinstance(reselect_every, bool) or not isinstance(reselect_every, int) or reselect_every < 1:
+        raise ValueError(f"reselect_every must be None (off) or an int >= 1 (optimizer steps), got {reselect_every!r}")
+    if config.mode not in RESELECT_MODES:
+        raise ValueError(f"reselect_every: re-selection works in modes {RESELECT_MODES}, not mode {config.mode!r}")
+    if load_adapter_from is not None:
+        raise ValueError("reselect_every trains; it does not go with load_adapter_from (evaluation)")
+
+
+_SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def _refuse_sharded_strategy(trainer: pl.Trainer) -> None:
+    """Folding writes W0 in place and reads whole rows: with W0 sharded across ranks it would not."""
+    names = {k.__name__ for k in type(trainer.strategy).__mro__}
+    if names & set(_SHARDED_STRATEGIES):
+        raise ValueError(
+            f"RoCoFT reselect_every is not supported under {type(trainer.strategy).__name__} (sharded weights); "
+            "use a single device or DDP"
+        )
 
 
 def _refuse_sharded(pl_module: pl.LightningModule) -> None:

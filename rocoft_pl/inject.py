@@ -298,6 +298,13 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
     layers = rocoft_layers(model)
     if not layers:
         return model
+    folded = [n for n, layer in layers.items() if getattr(layer, "reselection", None) is not None]
+    if folded:
+        # Merging would work, but unmerge would restore the folded W0, not the original one.
+        raise ValueError(
+            f"merge_rocoft: {len(folded)} layers (e.g. {folded[0]!r}) hold re-selected RoCoFT layers: "
+            "call rocoft_pl.reselect.consolidate(model) first"
+        )
     record = merged_record(model)
     if record is not None and record[0] is not model:
         # One stack per model keeps the merges in order; two (here and in a submodule) would not.
