@@ -5,6 +5,8 @@ same numbers, no RoCoFT overhead at inference), and lm-eval's ``HFLM(pretrained=
 scores it. By path (multi-GPU): the merged model is written with ``save_pretrained`` (``--save-merged``) and
 ``HFLM(pretrained=<dir>, parallelize=True)`` splits it over the visible GPUs; for data-parallel scoring
 run ``accelerate launch -m lm_eval --model hf --model_args pretrained=<dir> --tasks ...`` on that directory.
+Device and dtype default to ``auto`` (``resolve_device_dtype``): the GPU when there is one, in bfloat16 where
+it supports it (float16 otherwise), else the CPU in float32; explicit values win.
 
 Tasks default to the paper's commonsense set plus GSM8K (``DEFAULT_TASKS``); they read hub datasets. Local
 task YAMLs (``dataset_path: json`` + ``dataset_kwargs.data_files``, see tests/fixtures/reasoning/lm_eval/) are
@@ -13,7 +15,11 @@ given with ``--include``: relative data file paths are resolved against the YAML
 Every task's score goes into the benchmark results store (benchmark/results.py) as one record with
 ``protocol: loglikelihood`` (lm-eval ranks the options by log-likelihood; GSM8K is generated but scored
 by lm-eval's own extraction) so that the leaderboard shows it beside the generate-and-parse numbers of the
-causal-LM module (``protocol: generate``): the protocol is in the record and in the method label.
+causal-LM module (``protocol: generate``): the protocol is in the record and in the method label. The
+record keeps every metric lm-eval returned under ``<metric>/<filter>`` (``exact_match/strict-match``) and
+the primary one as ``accuracy``; a task whose metrics are none of the usual ones (``PRIMARY``,
+``FALLBACK_PRIMARY``: a regex filter of its own, say) is kept, with its first metric as the primary and a
+warning naming it. The printed table lists every metric of every task with its filter name.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -41,6 +48,27 @@ PRIMARY = {
 }
 FALLBACK_PRIMARY = ("acc,none", "exact_match,none", "acc_norm,none")
 PROTOCOLS = ("loglikelihood", "generate")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device_dtype(device: Optional[str] = "auto", dtype: Optional[str] = "auto") -> tuple[str, str]:
+    """``(device, dtype)`` for scoring. ``auto`` device: ``cuda`` when a GPU is visible, else ``cpu``; ``auto``
+    dtype: ``bfloat16`` on a GPU that supports it natively, ``float16`` on other GPUs, ``float32`` off the GPU.
+    Explicit values are kept (a dtype must be one of ``DTYPES``)."""
+    import torch
+
+    device = device or "auto"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = dtype or "auto"
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {DTYPES}, got {dtype!r}")
+    return device, dtype
 
 
 # -- local tasks -------------------------------------------------------------------------------------------
@@ -133,10 +161,11 @@ def _task_name(path: Path) -> str:
 
 def hflm_in_memory(model: Any, tokenizer: Any, batch_size: Union[int, str] = 8, device: str = "cpu",
                    max_length: Optional[int] = None) -> Any:
-    """lm-eval's HFLM around a model object (single process; RoCoFT layers or merged, either works)."""
+    """lm-eval's HFLM around a model object (single process; RoCoFT layers or merged, either works). The model
+    is moved to ``device`` first: HFLM scores a model object where it lies and ignores its own ``device``."""
     from lm_eval.models.huggingface import HFLM
 
-    model.eval()
+    model.to(device).eval()
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
 
 
@@ -150,11 +179,30 @@ def hflm_from_path(path: Union[str, Path], batch_size: Union[int, str] = 8, devi
     return HFLM(pretrained=str(path), batch_size=batch_size, device=device or "cpu", dtype=dtype, **kwargs)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def task_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Every numeric metric of one task's lm-eval results, keyed ``<metric>,<filter>`` as lm-eval returns
+    them, sorted by key: no standard errors (``*_stderr,<filter>``), no ``alias``."""
+    return {k: float(v) for k, v in sorted(metrics.items()) if _number(v) and "_stderr" not in k}
+
+
 def primary_metric(task: str, metrics: dict[str, Any]) -> tuple[Optional[str], Optional[float]]:
+    """The reported metric: the first of ``PRIMARY[task]`` and ``FALLBACK_PRIMARY`` present; else the first
+    metric by key (a task with only a named filter, e.g. ``exact_match,get-answer``), with a warning on
+    stderr; (None, None) when the task has no numeric metric at all."""
     for key in (*PRIMARY.get(task, ()), *FALLBACK_PRIMARY):
-        if isinstance(metrics.get(key), (int, float)):
+        if _number(metrics.get(key)):
             return key, float(metrics[key])
-    return None, None
+    found = task_metrics(metrics)
+    if not found:
+        return None, None
+    key = next(iter(found))
+    print(f"warning: lm-eval task {task!r} has none of the usual metrics "
+          f"({', '.join((*PRIMARY.get(task, ()), *FALLBACK_PRIMARY))}); its primary metric is {key!r}", file=sys.stderr)
+    return key, found[key]
 
 
 def result_records(
@@ -178,9 +226,11 @@ def result_records(
     for task, metrics in results.get("results", {}).items():
         key, value = primary_metric(task, metrics)
         if key is None:
+            print(f"warning: lm-eval task {task!r} returned no numeric metric (keys: {sorted(metrics)}); not recorded",
+                  file=sys.stderr)
             continue
         name = TASK_NAMES.get(task, task)
-        numeric = {k.replace(",", "/"): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "_stderr" not in k}
+        numeric = {k.replace(",", "/"): v for k, v in task_metrics(metrics).items()}
         payload = json.dumps([model, method, method_params, config.get("model_args"), results.get("n-shot", {}).get(task)],
                              sort_keys=True, default=str)
         records.append({
@@ -195,6 +245,24 @@ def result_records(
             **(extra or {}),
         })
     return records
+
+
+def table_lines(results: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[str]:
+    """The printed table: one line per metric of every recorded task (``<metric>,<filter>``, its value and
+    standard error as lm-eval returned them), the primary metric first and starred."""
+    lines = [f"{'task':<14} {'metric,filter':<36} {'value':>8} {'stderr':>8}  n"]
+    for r in records:
+        metrics = results.get("results", {}).get(r["lm_eval_task"], {})
+        keys = [r["lm_eval_metric"], *(k for k in task_metrics(metrics) if k != r["lm_eval_metric"])]
+        for i, key in enumerate(keys):
+            metric, _, filt = key.partition(",")
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            err = f"{stderr:8.4f}" if _number(stderr) else f"{'-':>8}"
+            label = key + (" *" if i == 0 else "")
+            n = f"  {r['n_samples']}" if i == 0 and r.get("n_samples") is not None else ""
+            lines.append(f"{r['task']:<14} {label:<36} {float(metrics.get(key, r['metrics']['accuracy'])):8.4f} {err}{n}")
+    lines.append("* the primary metric (metrics.accuracy in the results store)")
+    return lines
 
 
 def generate_records(metrics: dict[str, float], model: str, method: str = "rocoft", method_label: Optional[str] = None,
@@ -246,7 +314,7 @@ def load_model(model: str, gguf_file: Optional[str] = None, adapter: Optional[st
     from rocoft_pl import load_adapter, merge_rocoft
     from rocoft_pl.modules.causal_lm import load_causal_lm, load_tokenizer
 
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)} if dtype else {}
     net = load_causal_lm(model, gguf_file, **kwargs)
     tokenizer = load_tokenizer(model, gguf_file)
     params = None
@@ -260,12 +328,17 @@ def load_model(model: str, gguf_file: Optional[str] = None, adapter: Optional[st
 
 def run(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else list(DEFAULT_TASKS)
+    try:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print(f"lm-eval: device {device}, dtype {dtype}" + (" (parallelize: the visible GPUs)" if args.parallelize else ""))
     if args.parallelize:
         path = args.model
         if args.adapter or args.gguf_file:
             if not args.save_merged:
                 raise SystemExit("--parallelize with --adapter/--gguf-file needs --save-merged DIR (a full HF checkpoint)")
-            net, tok, params = load_model(args.model, args.gguf_file, args.adapter, merge=True, dtype=args.dtype)
+            net, tok, params = load_model(args.model, args.gguf_file, args.adapter, merge=True, dtype=dtype)
             net.save_pretrained(args.save_merged)
             tok.save_pretrained(args.save_merged)
             path = args.save_merged
@@ -273,13 +346,13 @@ def run(args: argparse.Namespace) -> int:
             from rocoft_pl.modules.classification import resolve_pretrained
 
             path, params = resolve_pretrained(args.model), None
-        lm = hflm_from_path(path, batch_size=args.batch_size, parallelize=True)
+        lm = hflm_from_path(path, batch_size=args.batch_size, parallelize=True, dtype=dtype)
     else:
-        net, tok, params = load_model(args.model, args.gguf_file, args.adapter, merge=not args.no_merge, dtype=args.dtype)
+        net, tok, params = load_model(args.model, args.gguf_file, args.adapter, merge=not args.no_merge, dtype=dtype)
         if args.save_merged:
             net.save_pretrained(args.save_merged)
             tok.save_pretrained(args.save_merged)
-        lm = hflm_in_memory(net, tok, batch_size=args.batch_size, device=args.device, max_length=args.max_length)
+        lm = hflm_in_memory(net, tok, batch_size=args.batch_size, device=device, max_length=args.max_length)
     results = evaluate(lm, tasks, include=args.include, num_fewshot=args.num_fewshot, limit=args.limit,
                        bootstrap_iters=args.bootstrap_iters, seed=args.seed)
     if not results:
@@ -289,8 +362,7 @@ def run(args: argparse.Namespace) -> int:
         method_label=args.method_label, seed=args.seed, protocol="loglikelihood", adapter_params=params,
         extra={"adapter": args.adapter, "limit": args.limit},
     )
-    for r in records:
-        print(f"{r['task']:<14} {r['lm_eval_metric']:<30} {100 * r['metrics']['accuracy']:6.2f}  (n={r['n_samples']})")
+    print("\n".join(table_lines(results, records)))
     if args.results:
         record_results(args.results, records)
         print(f"{len(records)} record(s) written to {args.results}")
@@ -314,8 +386,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--batch-size", default=8, help="int or 'auto'")
     p.add_argument("--max-length", type=int)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", help="torch dtype name for loading, e.g. bfloat16")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="weights dtype; auto (default): bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU")
     p.add_argument("--parallelize", action="store_true", help="score a saved checkpoint split across GPUs")
     p.add_argument("--bootstrap-iters", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -336,6 +409,7 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "DEFAULT_TASKS", "PROTOCOLS", "evaluate", "hflm_from_path", "hflm_in_memory", "load_model", "prepare_include_dir",
-    "generate_records", "generate_records_of_cell", "primary_metric", "record_results", "result_records",
+    "DEFAULT_TASKS", "DTYPES", "PROTOCOLS", "evaluate", "hflm_from_path", "hflm_in_memory", "load_model", "prepare_include_dir",
+    "generate_records", "generate_records_of_cell", "primary_metric", "record_results", "resolve_device_dtype",
+    "result_records", "table_lines", "task_metrics",
 ]

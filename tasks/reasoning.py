@@ -5,7 +5,7 @@ Datasets (``DATASETS``; every hub id is a default, override it with ``hub_ids``,
 JSON/JSONL/CSV/parquet files with ``data_files``):
 
     commonsense  boolq piqa siqa hellaswag winogrande arc-e arc-c openbookqa
-    math         multiarith gsm8k addsub singleeq svamp aqua
+    math         multiarith gsm8k addsub singleeq svamp aqua mawps
     merged sets  commonsense_170k math_10k  (LLM-Adapters JSON: instruction, input, output, answer)
 
 A row of a dataset in its hub schema (``boolq``: question/answer, ``piqa``: goal/sol1/sol2/label, ...) is
@@ -128,7 +128,7 @@ def _arc_like(question_field: str) -> Callable[[dict[str, Any]], dict[str, str]]
 
 def _number_text(value: Any) -> str:
     x = float(str(value).replace(",", ""))
-    return str(int(x)) if x == int(x) else f"{x:g}"
+    return str(int(x)) if x == int(x) else f"{x:.10g}"  # 10 digits: 12345.67 stays within the 1e-3 tolerance
 
 
 def _math(question: Callable[[dict[str, Any]], str], answer: Callable[[dict[str, Any]], Any],
@@ -147,6 +147,31 @@ def _gsm8k_answer(r: dict[str, Any]) -> str:
 
 def _gsm8k_rationale(r: dict[str, Any]) -> str:
     return re.sub(r"<<[^>]*>>", "", str(r["answer"]).split("####")[0])
+
+
+# MAWPS (Koncel-Kedziorski et al. 2016) comes in several schemas; (question field, answer fields), tried in
+# order. LLM-Adapters' dataset/mawps/test.json is in the instruction schema and needs no converter.
+MAWPS_SCHEMAS = (
+    ("question", ("result_float", "result")),  # MU-NLPC/Calc-mawps (the hub default)
+    ("sQuestion", ("lSolutions",)),  # the MAWPS repository's JSON (as AddSub / SingleEq)
+    ("Question", ("Answer",)),  # the SVAMP repository's cv_mawps CSV: numberN placeholders filled from Numbers
+)
+
+
+def _mawps(r: dict[str, Any]) -> dict[str, str]:
+    q_field, a_fields = next(((q, a) for q, a in MAWPS_SCHEMAS if q in r), (None, ()))
+    if q_field is None:
+        raise ValueError(f"missing question field: a MAWPS row needs one of "
+                         f"{', '.join(q for q, _ in MAWPS_SCHEMAS)} (or instruction)")
+    a_field = next((a for a in a_fields if r.get(a) is not None), None)
+    if a_field is None:
+        raise ValueError(f"missing answer field {' or '.join(a_fields)} (a MAWPS row with {q_field})")
+    question = f"{r.get('Body') or ''} {r[q_field]}".strip()
+    if r.get("Numbers") is not None:
+        numbers = str(r["Numbers"]).split()
+        question = re.sub(r"number(\d+)", lambda m: _number_text(numbers[int(m.group(1))]), question)
+    answer = r[a_field][0] if isinstance(r[a_field], (list, tuple)) else r[a_field]
+    return _math(lambda _: question, lambda _: answer)(r)
 
 
 def _aqua(r: dict[str, Any]) -> dict[str, str]:
@@ -201,6 +226,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "singleeq": DatasetSpec("math", None, convert=_math(lambda r: r["sQuestion"], lambda r: r["lSolutions"][0]),
                             answer_type="number", max_new_tokens=256),
     "aqua": DatasetSpec("math", "deepmind/aqua_rat", "raw", convert=_aqua, answer_type="letter", max_new_tokens=256),
+    # MAWPS: not one of the paper's Table 2 sets (LLM-Adapters reports it). Hub default MU-NLPC/Calc-mawps
+    # (question, result_float; train / validation / test, 520 test rows per its card: not checked offline);
+    # LLM-Adapters' dataset/mawps/test.json (238 rows, instruction schema) as data_files; see MAWPS_SCHEMAS.
+    "mawps": DatasetSpec("math", "MU-NLPC/Calc-mawps", convert=_mawps, answer_type="number", max_new_tokens=256),
     # Merged instruction sets (LLM-Adapters ft-training_set/*.json; community hub copies below).
     "commonsense_170k": DatasetSpec("commonsense", "zwhe99/commonsense_170k", eval_split="train", answer_type="choice"),
     "math_10k": DatasetSpec("math", "zwhe99/math_10k", eval_split="train", answer_type="number", max_new_tokens=256),
@@ -438,6 +467,28 @@ class ReasoningDataModule(pl.LightningDataModule):
             raise ValueError(f"{name} ({purpose}): no rows")
         return [dict(r) for r in ds]
 
+    def source_of(self, name: str, purpose: str) -> str:
+        """Where ``raw_rows(name, purpose)`` reads from: the local file, or the hub id and split."""
+        path, config, train_split, eval_split = self._hub(name)
+        split = train_split if purpose == "train" else eval_split
+        files = self.data_files.get(name)
+        if files is None:
+            return f"hub {path}" + (f" ({config})" if config else "") + f", split {split}"
+        return files if isinstance(files, str) else files.get(split, next(iter(files.values())))
+
+    def instruction_rows(self, name: str, purpose: str) -> list[dict[str, Any]]:
+        """``raw_rows`` as instruction rows (with ``dataset``); a row that cannot be converted raises a
+        ValueError naming the file (or hub id), the row and the missing field."""
+        rows = []
+        for i, raw in enumerate(self.raw_rows(name, purpose)):
+            try:
+                rows.append({**to_instruction_row(name, raw), "dataset": name})
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                why = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+                raise ValueError(f"{name}: {self.source_of(name, purpose)}: row {i + 1}: {why}; "
+                                 f"the row's fields are {sorted(raw)}") from e
+        return rows
+
     def prepare_data(self) -> None:
         for name in {*self.train_datasets, *self.eval_datasets} - set(self.data_files):
             self.raw_rows(name, "train" if name in self.train_datasets else "eval")
@@ -447,7 +498,7 @@ class ReasoningDataModule(pl.LightningDataModule):
             return
         train: list[dict[str, Any]] = []
         for name in self.train_datasets:
-            train += [{**to_instruction_row(name, r), "dataset": name} for r in self.raw_rows(name, "train")]
+            train += self.instruction_rows(name, "train")
         rng = random.Random(self.seed)
         evals: dict[str, list[dict[str, Any]]] = {}
         if self.val_fraction and not self.eval_datasets and train:
@@ -457,7 +508,7 @@ class ReasoningDataModule(pl.LightningDataModule):
         if self.max_train_samples is not None and self.max_train_samples < len(train):
             train = random.Random(self.seed).sample(train, self.max_train_samples)
         for name in self.eval_datasets:
-            rows = [{**to_instruction_row(name, r), "dataset": name} for r in self.raw_rows(name, "eval")]
+            rows = self.instruction_rows(name, "eval")
             evals[name] = rows[: self.max_eval_samples] if self.max_eval_samples else rows
         encoded = [self.encode_train(r) for r in train]
         self.train_rows = [e for e in encoded if any(l != IGNORE_INDEX for l in e["labels"])]

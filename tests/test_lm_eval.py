@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
 import tiny_causal_lm as tl  # noqa: E402
 from benchmark import lm_eval as le  # noqa: E402
+from benchmark.cli import build_parser  # noqa: E402
 from benchmark.leaderboard import render, results_frame  # noqa: E402
 from benchmark.results import read_results  # noqa: E402
 from rocoft_pl import RoCoFTConfig, apply_rocoft, rocoft_layers, save_adapter  # noqa: E402
@@ -107,7 +108,8 @@ def test_cli_scores_base_plus_adapter_and_saves_the_merged_checkpoint(in_memory,
     store = tmp_path / "results.jsonl"
     argv = ["lm-eval", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--tasks", "tiny_boolq",
             "--include", str(TASK_DIR), "--batch-size", "4", "--results", str(store), "--model-label", "tiny-llama",
-            "--method", "rocoft-row", "--save-merged", str(tmp_path / "merged"), "--output", str(tmp_path / "lm.json")]
+            "--method", "rocoft-row", "--save-merged", str(tmp_path / "merged"), "--output", str(tmp_path / "lm.json"),
+            "--device", "cpu", "--dtype", "float32"]  # the in-memory reference ran on the CPU in float32
     assert main(argv) == 0
     (record,) = read_results(store)
     # base + adapter, merged, scores exactly what the in-memory RoCoFT model scored
@@ -123,3 +125,94 @@ def test_cli_scores_base_plus_adapter_and_saves_the_merged_checkpoint(in_memory,
     # the merged checkpoint scores the same by path (the multi-GPU route, here on CPU)
     by_path = le.evaluate(le.hflm_from_path(tmp_path / "merged", batch_size=4, dtype="float32"), ["tiny_boolq"], include=[TASK_DIR])
     assert by_path["results"]["tiny_boolq"]["acc,none"] == record["metrics"]["accuracy"]
+
+
+def test_device_and_dtype_default_to_the_gpu_in_bf16_when_there_is_one(monkeypatch):
+    gpu, bf16 = [False], [False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu[0])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16[0])
+    assert le.resolve_device_dtype() == le.resolve_device_dtype("auto", "auto") == ("cpu", "float32")
+    assert le.resolve_device_dtype(None, None) == ("cpu", "float32")
+    gpu[0] = True
+    assert le.resolve_device_dtype() == ("cuda", "float16")  # a GPU without native bf16 (V100, T4)
+    bf16[0] = True
+    assert le.resolve_device_dtype() == ("cuda", "bfloat16")
+    assert le.resolve_device_dtype("cuda:1") == ("cuda:1", "bfloat16")
+    # explicit values win
+    assert le.resolve_device_dtype("cpu") == ("cpu", "float32")
+    assert le.resolve_device_dtype("auto", "float32") == ("cuda", "float32")
+    assert le.resolve_device_dtype("cpu", "bfloat16") == ("cpu", "bfloat16")
+    with pytest.raises(ValueError, match="dtype"):
+        le.resolve_device_dtype("cpu", "bf16")
+    args = build_parser().parse_args(["lm-eval", "--model", "m"])
+    assert (args.device, args.dtype) == ("auto", "auto")
+
+
+# lm-eval's results for tasks whose only metrics have a named filter (a regex-extracted exact match)
+FILTERED = {
+    "results": {
+        "my_math": {"alias": "my_math", "exact_match,get-answer": 0.4, "exact_match_stderr,get-answer": 0.01},
+        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.3, "exact_match_stderr,strict-match": 0.02,
+                  "exact_match,flexible-extract": 0.35, "exact_match_stderr,flexible-extract": "N/A"},
+        "boolq": {"alias": "boolq", "acc,none": 0.6, "acc_stderr,none": 0.05},
+    },
+    "n-shot": {"my_math": 0, "gsm8k": 5, "boolq": 0},
+    "n-samples": {"my_math": {"original": 5, "effective": 5}, "gsm8k": {"original": 9, "effective": 9},
+                  "boolq": {"original": 4, "effective": 4}},
+}
+
+
+def test_tasks_with_only_a_named_filter_are_kept_with_every_metric(capsys, tmp_path):
+    records = {r["task"]: r for r in le.result_records(FILTERED, model="m")}
+    assert set(records) == {"my_math", "gsm8k", "boolq"}  # nothing dropped
+    mine = records["my_math"]
+    assert mine["lm_eval_metric"] == "exact_match,get-answer" and mine["metrics"]["accuracy"] == 0.4
+    assert mine["metrics"] == {"accuracy": 0.4, "exact_match/get-answer": 0.4}  # no stderr, no alias
+    err = capsys.readouterr().err
+    assert "exact_match,get-answer" in err and err.count("warning") == 1  # one warning, naming the chosen key
+    gsm = records["gsm8k"]  # the usual primary stays; every filter is kept
+    assert gsm["lm_eval_metric"] == "exact_match,flexible-extract" and gsm["metrics"]["accuracy"] == 0.35
+    assert gsm["metrics"]["exact_match/strict-match"] == 0.3 and gsm["metrics"]["exact_match/flexible-extract"] == 0.35
+    assert records["boolq"]["metrics"] == {"accuracy": 0.6, "acc/none": 0.6}
+    # a task with no numeric metric at all is left out, with a warning
+    assert le.result_records({"results": {"odd": {"alias": "odd"}}}, model="m") == []
+    assert "'odd'" in capsys.readouterr().err
+    # the results store holds it, and the leaderboard shows it
+    store = tmp_path / "results.jsonl"
+    le.record_results(store, records.values())
+    stored = {r["task"]: r for r in read_results(store)}
+    assert stored["my_math"]["metrics"]["exact_match/get-answer"] == 0.4
+    assert "40.00" in render(results_frame(list(stored.values())))
+
+
+def test_cli_prints_every_metric_with_its_filter_and_uses_the_resolved_device(monkeypatch, capsys, tmp_path):
+    from benchmark.cli import main
+
+    seen = {}
+
+    def load_model(model, gguf_file=None, adapter=None, merge=True, dtype=None):
+        seen["dtype"] = dtype
+        return torch.nn.Linear(1, 1), object(), None
+
+    def hflm_in_memory(model, tokenizer, batch_size=8, device="cpu", max_length=None):
+        seen["device"] = device
+        return "lm"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(le, "load_model", load_model)
+    monkeypatch.setattr(le, "hflm_in_memory", hflm_in_memory)
+    monkeypatch.setattr(le, "evaluate", lambda lm, tasks, **kwargs: FILTERED)
+    store = tmp_path / "results.jsonl"
+    assert main(["lm-eval", "--model", "tiny", "--tasks", "my_math,gsm8k,boolq", "--results", str(store)]) == 0
+    assert seen == {"dtype": "float32", "device": "cpu"}
+    out = capsys.readouterr().out
+    assert "device cpu, dtype float32" in out
+    lines = out.splitlines()
+    for task, key, value in [("my_math", "exact_match,get-answer", "0.4000"), ("gsm8k", "exact_match,strict-match", "0.3000"),
+                             ("gsm8k", "exact_match,flexible-extract", "0.3500"), ("boolq", "acc,none", "0.6000")]:
+        assert any(l.startswith(task) and key in l and value in l for l in lines), (task, key, out)
+    assert any("exact_match,get-answer *" in l and "0.0100" in l for l in lines)  # primary, starred, with its stderr
+    assert "3 record(s) written" in out
+    assert {r["task"] for r in read_results(store)} == {"my_math", "gsm8k", "boolq"}
+    assert main(["lm-eval", "--model", "tiny", "--device", "cuda:1", "--dtype", "float16", "--tasks", "boolq"]) == 0
+    assert seen == {"dtype": "float16", "device": "cuda:1"}

@@ -34,9 +34,10 @@ def dm():
 
 def test_registry_covers_the_paper_datasets():
     assert set(COMMONSENSE) == {"boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc-e", "arc-c", "openbookqa"}
-    assert set(MATH) == {"multiarith", "gsm8k", "addsub", "singleeq", "svamp", "aqua"}
+    assert set(MATH) == {"multiarith", "gsm8k", "addsub", "singleeq", "svamp", "aqua", "mawps"}
     assert {"commonsense_170k", "math_10k"} <= set(DATASETS)
     assert DATASETS["arc-c"].hub_config == "ARC-Challenge" and DATASETS["gsm8k"].hub_id == "openai/gsm8k"
+    assert DATASETS["mawps"].hub_id == "MU-NLPC/Calc-mawps" and DATASETS["mawps"].eval_split == "test"
 
 
 @pytest.mark.parametrize("name", sorted(tl.DATASET_FILES))
@@ -50,6 +51,7 @@ def test_every_schema_becomes_an_instruction_row(name):
         "arc-c": ["answer3", "answer1", "answer2"], "openbookqa": ["answer2", "answer1", "answer3"],
         "gsm8k": ["7", "12", "5000"], "multiarith": ["12", "16", "18"], "svamp": ["6", "15", "21"],
         "addsub": ["13", "13", "9"], "singleeq": ["6", "13", "13"], "aqua": ["B", "A", "E"],
+        "mawps": ["9", "1.75", "24"],
     }[name]
     assert [c["answer"] for c in converted] == expected
     assert all(c["answer_type"] == DATASETS[name].answer_type for c in converted)
@@ -159,3 +161,39 @@ def test_max_eval_samples_and_heldout():
     d = make_dm(train=(), evals=("gsm8k",), max_eval_samples=2)
     d.setup("validate")
     assert len(d.eval_rows["gsm8k"]) == 2
+
+
+def test_mawps_loads_from_a_local_file_in_any_of_its_schemas(tmp_path):
+    d = make_dm(train=("mawps",), evals=("mawps",), max_length=512)
+    d.setup("fit")
+    rows = [json.loads(l) for l in Path(tl.DATASET_FILES["mawps"]).read_text().splitlines()]
+    evals = d.eval_rows["mawps"]
+    assert [r["answer"] for r in evals] == ["9", "1.75", "24"] and {r["answer_type"] for r in evals} == {"number"}
+    assert [d.prompt_of(to_instruction_row("mawps", r)) for r in rows] == [r["prompt"] for r in evals]
+    assert all(r["question"] in e["prompt"] for r, e in zip(rows, evals))
+    assert len(d.train_rows) == 3
+    # the other MAWPS schemas, and LLM-Adapters' instruction schema, give the same instruction rows
+    same = {"instruction": "Mia has 14 stickers and gives 5 to Leo. How many stickers does Mia have left?", "answer": "9"}
+    for row in [
+        {"sQuestion": same["instruction"], "lSolutions": [9.0], "lEquations": ["X=(14-5)"]},
+        {"Question": "Mia has number0 stickers and gives number1 to Leo. How many stickers does Mia have left?",
+         "Numbers": "14.0 5.0", "Equation": "- number0 number1", "Answer": 9.0},
+        {"instruction": same["instruction"], "input": "", "output": "", "answer": "9"},
+    ]:
+        got = to_instruction_row("mawps", row)
+        assert {k: got[k] for k in same} == same, row
+
+
+@pytest.mark.parametrize("row, missing", [
+    ({"text": "Mia has 14 stickers.", "label": 9}, "missing question field: a MAWPS row needs one of question, sQuestion, Question"),
+    ({"question": "Mia has 14 stickers.", "chain": "14"}, "missing answer field result_float or result"),
+])
+def test_a_mawps_file_without_its_fields_names_the_file_and_the_field(tmp_path, row, missing):
+    bad = tmp_path / "mawps_bad.jsonl"
+    bad.write_text(json.dumps(row) + "\n")
+    d = ReasoningDataModule("unused", eval_datasets=["mawps"], data_files={"mawps": str(bad)})
+    d.tokenizer = tl.tiny_tokenizer()
+    with pytest.raises(ValueError) as info:
+        d.setup("validate")
+    message = str(info.value)
+    assert str(bad) in message and missing in message and "row 1" in message, message

@@ -15,7 +15,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reasoning"
 DATASET_FILES = {
     n: str(FIXTURES / f"{n}.jsonl")
     for n in ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc-e", "arc-c", "openbookqa",
-              "gsm8k", "multiarith", "svamp", "addsub", "singleeq", "aqua")
+              "gsm8k", "multiarith", "svamp", "addsub", "singleeq", "aqua", "mawps")
 }
 MERGED_FILES = {"commonsense_170k": str(FIXTURES / "commonsense_170k.json"), "math_10k": str(FIXTURES / "math_10k.json")}
 
