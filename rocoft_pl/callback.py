@@ -102,8 +102,8 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
         reselect_every: re-selection (modes 'row' and 'column'; off by default, None): every K optimizer
             steps fold each delta into W0 and train the r rows (columns) ``reselect_by`` picks, with fresh
             optimizer state (see ``rocoft_pl.reselect``). The criterion sees the batches of the step before
-            each round (a probe, all its micro-batches under gradient accumulation); no round after the last
-            step (max_steps). Under DDP every rank takes rank 0's choice; sharded strategies (FSDP, model
+            each round (a probe, all its micro-batches under gradient accumulation); no round after the run's
+            last step. Under DDP every rank takes rank 0's choice; sharded strategies (FSDP, model
             parallel, DeepSpeed) are refused. When fit ends the folds are consolidated into one adapter
             exact against the original W0 over every row trained (rank R = the most rows a layer touched, up
             to r * (rounds + 1)), which ``adapter_dir`` receives. Lightning checkpoints written after a round
@@ -285,8 +285,9 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
             self._detach_probe()
 
     def _round_due(self, trainer: pl.Trainer, step: int) -> bool:
-        """A round follows optimizer step ``step`` (1-based) unless it is the last one (max_steps)."""
-        last = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+        """A round follows optimizer step ``step`` (1-based) unless it is the run's last one (max_steps, or
+        the end of the last epoch under limit_train_batches / max_epochs): its new rows would never train."""
+        last = step >= trainer.estimated_stepping_batches
         return step % self.reselect_every == 0 and not last  # type: ignore[operator]
 
     def _detach_probe(self) -> None:
@@ -300,7 +301,7 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
         round_ = self.reselect_rounds + 1
         layers = rocoft_layers(pl_module)
         probe = self._probe or {}
-        old = {name: layer.indices.cpu() for name, layer in layers.items()}
+        old = {name: layer.indices.cpu().clone() for name, layer in layers.items()}  # set_indices writes in place
         for name, layer in layers.items():
             stats = probe.get(name)
             seen = None if stats is None else stats.grad_sq if self.reselect_by == "gradient" else stats.input_sq

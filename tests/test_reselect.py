@@ -294,6 +294,14 @@ def test_fit_reselects_every_k_steps_and_saves_an_exact_adapter(tmp_path, criter
         torch.testing.assert_close(fresh(**b).logits, module.model(**b).logits, atol=1e-6, rtol=0)
 
 
+def test_no_round_after_the_last_step_of_an_epoch_budget(tmp_path):
+    cb = RoCoFT(rank=2, reselect_every=2, reselect_by="random")
+    spy = Spy(cb)
+    _trainer(tmp_path, [cb, spy], max_steps=-1, max_epochs=1, limit_train_batches=4).fit(TinyClassifier(), tiny_loader())
+    assert [r[0] for r in spy.rounds] == [2]  # not after step 4, the last: its rows would never train
+    assert cb.reselect_rounds == 1
+
+
 def test_rounds_follow_optimizer_steps_under_gradient_accumulation(tmp_path):
     cb = RoCoFT(rank=2, reselect_every=2, reselect_by="gradient")
     spy = Spy(cb)
