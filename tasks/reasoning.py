@@ -445,23 +445,32 @@ class ReasoningDataModule(pl.LightningDataModule):
         return (o.get("path", spec.hub_id), o.get("name", spec.hub_config),
                 o.get("train_split", spec.train_split), o.get("eval_split", spec.eval_split))
 
+    def _source(self, name: str, purpose: str) -> tuple[Optional[dict[str, str]], str]:
+        """Where ``name``'s rows for ``purpose`` ('train' or 'eval') come from: ``(files, split)``, the local
+        data_files by split (None: the hub, ``_hub``) and the split to read."""
+        _path, _config, train_split, eval_split = self._hub(name)
+        split = train_split if purpose == "train" else eval_split
+        if name not in self.data_files:
+            return None, split
+        files = self.data_files[name]
+        if isinstance(files, str):
+            files = {split: files}
+        if split not in files:
+            if len(files) != 1:
+                raise ValueError(f"data_files[{name!r}] has no split {split!r} (have {sorted(files)})")
+            split = next(iter(files))
+        return files, split
+
     def raw_rows(self, name: str, purpose: str) -> list[dict[str, Any]]:
         """The raw rows of ``name`` for ``purpose`` ('train' or 'eval')."""
         import datasets
 
-        path, config, train_split, eval_split = self._hub(name)
-        split = train_split if purpose == "train" else eval_split
-        if name in self.data_files:
-            files = self.data_files[name]
-            if isinstance(files, str):
-                files = {split: files}
-            if split not in files:
-                if len(files) != 1:
-                    raise ValueError(f"data_files[{name!r}] has no split {split!r} (have {sorted(files)})")
-                split = next(iter(files))
+        files, split = self._source(name, purpose)
+        if files is not None:
             builder = LOCAL_FORMATS[Path(next(iter(files.values()))).suffix.lower()]
             ds = datasets.load_dataset(builder, data_files=files, cache_dir=self.cache_dir)[split]
         else:
+            path, config, _train, _eval = self._hub(name)
             ds = datasets.load_dataset(path, config, split=split, cache_dir=self.cache_dir)
         if len(ds) == 0:
             raise ValueError(f"{name} ({purpose}): no rows")
@@ -469,12 +478,11 @@ class ReasoningDataModule(pl.LightningDataModule):
 
     def source_of(self, name: str, purpose: str) -> str:
         """Where ``raw_rows(name, purpose)`` reads from: the local file, or the hub id and split."""
-        path, config, train_split, eval_split = self._hub(name)
-        split = train_split if purpose == "train" else eval_split
-        files = self.data_files.get(name)
-        if files is None:
-            return f"hub {path}" + (f" ({config})" if config else "") + f", split {split}"
-        return files if isinstance(files, str) else files.get(split, next(iter(files.values())))
+        files, split = self._source(name, purpose)
+        if files is not None:
+            return files[split]
+        path, config, _train, _eval = self._hub(name)
+        return f"hub {path}" + (f" ({config})" if config else "") + f", split {split}"
 
     def instruction_rows(self, name: str, purpose: str) -> list[dict[str, Any]]:
         """``raw_rows`` as instruction rows (with ``dataset``); a row that cannot be converted raises a
