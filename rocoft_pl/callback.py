@@ -287,8 +287,8 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
     def _round_due(self, trainer: pl.Trainer, step: int) -> bool:
         """A round follows optimizer step ``step`` (1-based) unless it is the run's last one (max_steps, or
         the end of the last epoch under limit_train_batches / max_epochs): its new rows would never train."""
-        last = step >= trainer.estimated_stepping_batches
-        return step % self.reselect_every == 0 and not last  # type: ignore[operator]
+        # The modulo first: estimated_stepping_batches is recomputed on every access, and this runs every batch.
+        return step % self.reselect_every == 0 and step < trainer.estimated_stepping_batches  # type: ignore[operator]
 
     def _detach_probe(self) -> None:
         for handle in self._probe_handles:
