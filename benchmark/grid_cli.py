@@ -66,7 +66,7 @@ def _table(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     run = subparsers.add_parser("run", help="run a grid of (model, task, method, seed) cells, resumably")
     run.add_argument("grid", help="grid YAML (see benchmark/grid.py and configs/bench/)")
-    run.add_argument("--jobs", type=int, default=1, help="cells at once (one GPU each when GPUs are present)")
+    run.add_argument("--jobs", type=int, default=1, help="cells at once (on GPUs, each with its own trainer.devices GPUs)")
     run.add_argument("--results", help="results file (default: the grid's, runs/bench/<name>/results.jsonl)")
     run.add_argument("--seeds", help="comma-separated seeds instead of the grid's (finished cells are kept)")
     run.add_argument("--table", action="store_true", help="write and print the leaderboard afterwards")

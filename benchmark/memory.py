@@ -17,8 +17,9 @@ from torch import nn
 GIB = 2**30
 # Bytes per parameter (checked by tests/test_causal_lm.py::test_measured_bytes_per_parameter on a real step):
 # a frozen weight holds only itself (no .grad, no optimizer state); a trained one holds itself, its gradient
-# and AdamW's two moments, all in the parameter dtype (bf16-true: 2+2+2+2; fp32 master weights: 4+4+4+4).
-BYTES = {"bf16-true": {"frozen": 2, "trained": 8}, "fp32-master": {"frozen": 2, "trained": 16}, "fp32": {"frozen": 4, "trained": 16}}
+# and AdamW's two moments, in the parameter dtype. RoCoFT's deltas are float32 masters whatever W0's dtype
+# (rocoft_pl.layers.master_dtype): 4+4+4+4 next to a bf16 W0 too; full FT under bf16 keeps fp32 master weights.
+BYTES = {"bf16-true": {"frozen": 2, "trained": 16}, "fp32-master": {"frozen": 2, "trained": 16}, "fp32": {"frozen": 4, "trained": 16}}
 
 
 def measured_bytes_per_param(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -4,8 +4,11 @@ Before any cell starts, the grid is checked (benchmark/validate.py: method param
 through the cell's LightningCLI parser, learning rates), and damaged lines of the results file are set
 aside into ``<results>.damaged`` (benchmark/results.py). A cell that fails, crashes or times out is
 recorded with its error (the tail of its log) and the grid goes on. Re-running skips cells already
-finished with the same config hash. ``jobs`` cells run at once; on GPUs each job slot gets its own device
-through CUDA_VISIBLE_DEVICES.
+finished with the same config hash. ``jobs`` cells run at once. On GPUs each cell gets a group of its own
+of as many GPUs as its trainer uses (``trainer.devices``), through CUDA_VISIBLE_DEVICES, waiting for a free
+group first come, first served; a cell that needs more GPUs than visible or several nodes
+(``trainer.num_nodes``) is an error before any cell starts (benchmark/gpu_groups.py, which also says how
+to run a grid on a SLURM cluster).
 
 Reliability:
 
@@ -37,14 +40,18 @@ from typing import Any, Optional, Union
 from tqdm.auto import tqdm
 
 from . import claims
+from .gpu_groups import GpuPool, cell_needs, group_env, visible_gpus
 from .grid import Cell, Grid, GridError, load_grid
 from .lm_eval import generate_records_of_cell
 from .orphans import child_env, kill_group
 from .results import read_store, set_aside_damaged, upsert_result
 from .validate import validate_grid
 
-# Distributed launch variables of a parent run must not leak into a cell.
-_STRIP_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+# Distributed launch variables of a parent run must not leak into a cell. A cell is the runner's child, not
+# an srun task: with SLURM's task count visible, Lightning would expect srun to have started one process per
+# GPU instead of starting them itself.
+_STRIP_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+              "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE")
 POLL_S = 2.0  # how often a runner looks again at cells claimed by another runner
 
 
@@ -59,16 +66,15 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 def run_one(grid: Grid, cell: Cell, device: Optional[str] = None, claim: Optional[claims.Claim] = None,
             live: Optional[set[subprocess.Popen]] = None) -> dict[str, Any]:
-    """Run a cell's subprocess and return its record (status ok, failed or timeout). The cell leads a
-    process group of its own; its pid goes into ``claim``, and the process into ``live`` while it runs."""
+    """Run a cell's subprocess and return its record (status ok, failed or timeout). ``device``: the cell's
+    CUDA_VISIBLE_DEVICES (comma-separated ids; None keeps the runner's). The cell leads a process group of
+    its own; its pid goes into ``claim``, and the process into ``live`` while it runs."""
     out = cell_dir(grid, cell)
     out.mkdir(parents=True, exist_ok=True)
     spec, result, log = out / "cell.json", out / "result.json", out / "log.txt"
     result.unlink(missing_ok=True)
     spec.write_text(json.dumps(cell.to_dict(), indent=2, sort_keys=True, default=str))
-    env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
-    if device is not None:
-        env["CUDA_VISIBLE_DEVICES"] = device
+    env = cell_env(device)
     started = time.time()
     status, error = "ok", None
     with open(log, "w") as log_file:
@@ -105,13 +111,12 @@ def run_one(grid: Grid, cell: Cell, device: Optional[str] = None, claim: Optiona
     return record
 
 
-def _devices() -> list[Optional[str]]:
-    try:
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())] or [None]
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return [None]
+def cell_env(device: Optional[str]) -> dict[str, str]:
+    """The runner's environment for a cell: launch variables stripped, CUDA_VISIBLE_DEVICES its group."""
+    env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    return env
 
 
 def _by_cell(path: Path) -> dict[str, dict[str, Any]]:
@@ -147,9 +152,9 @@ def run_grid(grid_path: Union[str, Path], jobs: int = 1, results: Optional[Union
 
     todo = [c for c in grid.cells if not finished(c)]
     skipped = len(grid.cells) - len(todo)
-    devices = _devices()
-    slots = [devices[i % len(devices)] for i in range(jobs)]
-    free = list(range(jobs))
+    gpus = visible_gpus()
+    needs = cell_needs(todo, gpus)  # GridError before any cell starts
+    gpu_pool = GpuPool(gpus)
     lock = threading.Lock()
     runner = claims.Runner()
     live: set[subprocess.Popen] = set()
@@ -177,13 +182,13 @@ def run_grid(grid_path: Union[str, Path], jobs: int = 1, results: Optional[Union
                     by_others.append(cell.cell_id)
                     bar.update(1)
                 return
-            with lock:
-                slot = free.pop()
+            group = gpu_pool.acquire(needs[cell.cell_id])
             try:
-                record = run_one(grid, cell, slots[slot], claim, live)
+                if stopping.is_set():  # interrupted while waiting for the group
+                    return
+                record = run_one(grid, cell, group_env(group, gpus), claim, live)
             finally:
-                with lock:
-                    free.append(slot)
+                gpu_pool.release(group)
             if stopping.is_set():
                 return  # interrupted: the cell was killed, nothing to record
             with lock:

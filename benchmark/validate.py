@@ -89,6 +89,9 @@ def _parse_only_parser() -> Any:
         def _set_seed(self) -> None:
             pass
 
+        def before_instantiate_classes(self) -> None:
+            pass  # no preflight: nothing is built or loaded here
+
         def instantiate_classes(self) -> None:
             pass
 

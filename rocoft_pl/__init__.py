@@ -20,10 +20,15 @@ def __getattr__(name: str) -> Any:
         from .callback import RoCoFT
 
         return RoCoFT
+    if name == "GlobalBatchSize":
+        from .batching import GlobalBatchSize
+
+        return GlobalBatchSize
     raise AttributeError(f"module 'rocoft_pl' has no attribute {name!r}")
 
 
 __all__ = [
+    "GlobalBatchSize",
     "RoCoFT",
     "RoCoFTConfig",
     "RoCoFTLinear",

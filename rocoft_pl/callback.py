@@ -59,25 +59,12 @@ from .reselect import (
     scores_from_stats,
 )
 
-try:  # the standalone package of the same code (lightning depends on it); ~0.07 s once lightning is imported
-    import pytorch_lightning as _ptl
-
-    _CALLBACK_BASES: tuple[type, ...] = (pl.Callback, _ptl.Callback)
-except ImportError:  # pragma: no cover - lightning installs pytorch_lightning
-    _CALLBACK_BASES = (pl.Callback,)
+from .callback_base import CALLBACK_BASES, log
 
 _LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning")
 
-# Like Lightning's own logger: info level, and a stderr handler unless the application configured logging.
-log = logging.getLogger("rocoft_pl")
-if log.level == logging.NOTSET:
-    log.setLevel(logging.INFO)
-if not logging.getLogger().hasHandlers() and not log.handlers:
-    log.addHandler(logging.StreamHandler())
-    log.propagate = False
 
-
-class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
+class RoCoFT(*CALLBACK_BASES):  # type: ignore[misc]
     """Apply RoCoFT to the LightningModule on setup.
 
     Args:
@@ -95,7 +82,8 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
         load_adapter_from: instead of selecting, load this adapter (for validate / test / predict): a
             directory with readable adapter_config.json and adapter_model.safetensors.
         adapter_only_checkpoint: Lightning checkpoints keep only the trained tensors and indices
-            (KB to MB instead of the whole model); resuming needs the same base weights.
+            (KB to MB instead of the whole model); resuming needs the same base weights. Sharded strategies
+            must write full checkpoints (ModelParallelStrategy: ``save_distributed_checkpoint=False``).
         print_layers: log the per-layer table (module, shape, rows/columns selected, trainable) at info
             level; by default only the summary lines are (the table goes to the ``rocoft_pl`` logger's
             debug level).
@@ -171,6 +159,7 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
             self._check_adapter_dir(trainer)
         if self.load_adapter_from is not None:
             _check_adapter_files(self.load_adapter_from, read=True)  # every rank reads it
+        _refuse_fsdp1(trainer)
         if stage == "fit" and self.reselect_every is not None:
             _refuse_sharded_strategy(trainer)
         if rocoft_layers(pl_module) or getattr(pl_module, "_rocoft_deferred", False):
@@ -218,6 +207,8 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
                 _use_rank_zero_indices(trainer, pl_module)
             pl_module._rocoft_config = self.config  # the placeholder selection above is not what we trained
         if self.adapter_only_checkpoint:
+            if stage == "fit":
+                self._check_checkpoint_format(trainer)
             pl_module.strict_loading = False
         if trainer.is_global_zero:
             report, layers = self.report, len(self.report.modules)
@@ -357,6 +348,20 @@ class RoCoFT(*_CALLBACK_BASES):  # type: ignore[misc]
         keep |= {f"{n}.{k}" for n, layer in rocoft_layers(pl_module).items() for k in layer.index_sets}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    @staticmethod
+    def _check_checkpoint_format(trainer: pl.Trainer) -> None:
+        """Refuse adapter-only checkpoints that could never be resumed: a distributed checkpoint (one file per
+        rank, ModelParallelStrategy's ``save_distributed_checkpoint``) is loaded key by key into the whole
+        model, and torch.distributed.checkpoint raises "Missing key" for every frozen weight it lacks. A full
+        checkpoint (rank 0 writes one file of the trained tensors) loads partially and resumes exactly."""
+        if getattr(trainer.strategy, "_save_distributed_checkpoint", False):
+            raise ValueError(
+                f"RoCoFT adapter_only_checkpoint: {type(trainer.strategy).__name__} writes distributed checkpoints, "
+                "which cannot be resumed without the frozen weights. Set the strategy's save_distributed_checkpoint "
+                "to false (the checkpoint holds only the trained tensors: rank 0 writes one small file), or "
+                "adapter_only_checkpoint to false"
+            )
+
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "reselect_rounds": self.reselect_rounds}
 
@@ -486,6 +491,18 @@ def _refuse_sharded_strategy(trainer: pl.Trainer) -> None:
         raise ValueError(
             f"RoCoFT reselect_every is not supported under {type(trainer.strategy).__name__} (sharded weights); "
             "use a single device or DDP"
+        )
+
+
+def _refuse_fsdp1(trainer: pl.Trainer) -> None:
+    """FSDP1 (Lightning's FSDPStrategy) flattens each wrapped block into one FlatParameter: the adapter read on
+    rank 0 holds flattened, partly empty deltas under wrapper names (unusable), and a block mixing frozen W0
+    with trained deltas gets gradient memory for all of it. FSDP2 shards per parameter and has neither."""
+    if any(k.__name__ == "FSDPStrategy" for k in type(trainer.strategy).__mro__):
+        raise ValueError(
+            "RoCoFT does not support FSDPStrategy (FSDP1): its flat parameters make the saved adapter unusable "
+            "and allocate gradients for the frozen weights. Use ModelParallelStrategy (FSDP2, per-parameter "
+            "sharding): see configs/fsdp/*.yaml and README's LLM section"
         )
 
 

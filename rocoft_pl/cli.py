@@ -11,6 +11,12 @@ yours works with the RoCoFT callback; use Lightning's own LightningCLI for one w
 datamodule with ``write_predictions(predictions, output_dir)`` writes its files into the run's log dir.
 Runs are seeded (``seed_everything: 42`` unless the config says otherwise).
 
+Preflight: after parsing and before any class is built (so before weights or data load), the model
+(``model_name_or_path``: local directory, ``pkg:<module>``, Hugging Face cache, or the hub when online) and the
+datamodule, when it has a ``preflight()`` method, are checked, and every input that cannot be reached is
+reported in one error with how to point it at a local copy (``rocoft_pl.preflight``). ``ROCOFT_NO_PREFLIGHT=1``
+skips it. A datamodule with ``preflight()`` is built once more for the check: its constructor must load nothing.
+
 A bad input (a missing data file, a value a class refuses) ends with one line, ``rocoft: error: <cause>``,
 exit status 1, and the path of a file holding the full traceback; ``ROCOFT_VERBOSE=1`` (or ``rocoft --verbose
 fit ...``, before the subcommand) prints the traceback instead. jsonargparse's usage errors (unknown keys,
@@ -19,20 +25,29 @@ values of the wrong type) keep their own short message and status 2.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from . import preflight
+from .batching import GlobalBatchSize, split_global_batch
+
 
 def _resolve_pretrained(name: Any) -> Any:
+    """``pkg:<module>`` as a directory; unchanged when that fails, so that the preflight reports it together
+    with every other missing input (and the model's constructor raises it when the preflight is skipped)."""
     from .modules.classification import resolve_pretrained
 
-    return resolve_pretrained(name) if isinstance(name, str) else name
+    try:
+        return resolve_pretrained(name) if isinstance(name, str) else name
+    except ValueError:
+        return name
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -64,6 +79,22 @@ class RoCoFTCLI(LightningCLI):
             compute_fn=_resolve_pretrained,
         )
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
+        # Rows per optimizer step over all devices (``global_batch: {size: N}`` / ``--global_batch.size N``):
+        # a callback that LightningCLI adds to the Trainer; off unless a size is given.
+        parser.add_lightning_class_args(GlobalBatchSize, "global_batch")
+
+    def before_instantiate_classes(self) -> None:
+        """The preflight: every problem with the model and the data in one ``PreflightError``, before the model
+        class (whose constructor loads the weights) is built."""
+        if preflight.skipped():
+            return
+        model_args = _init_args(self._get(self.config, "model"))
+        problems, notes = preflight.collect([lambda: preflight.model_config_problems(model_args),
+                                             _datamodule_check(self._get(self.config, "data")),
+                                             lambda: _global_batch_check(self.config.get(str(self.subcommand), self.config))])
+        if any("(offline)" in p for p in problems) and preflight.hub_offline():
+            notes.append(preflight.offline_note())
+        preflight.raise_if_problems(problems, notes)
 
     def predict(self, model: Any, datamodule: Any = None, **kwargs: Any) -> Any:
         predictions = self.trainer.predict(model, datamodule=datamodule, **kwargs)
@@ -73,6 +104,42 @@ class RoCoFTCLI(LightningCLI):
             for path in writer(predictions, out_dir):
                 print(f"predictions written to {path}")
         return predictions
+
+
+def _init_args(config: Any) -> dict[str, Any]:
+    """A class's parsed ``init_args`` as a plain dict (empty when the config gives none)."""
+    args = config.get("init_args") if hasattr(config, "get") else None
+    if args is None:
+        return {}
+    return args.as_dict() if hasattr(args, "as_dict") else dict(args)
+
+
+def _global_batch_check(config: Any) -> None:
+    """``global_batch.size`` against the devices the trainer config names (GlobalBatchSize checks again at setup,
+    where the world size is known for sure: ``devices: auto`` is not checked here)."""
+    size = config.get("global_batch", {}).get("size")
+    trainer = config.get("trainer", {})
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    world = len(devices) if isinstance(devices, (list, tuple)) else devices
+    if isinstance(world, str) and world.isdigit():  # the Trainer's devices type parses "8" as a string
+        world = int(world)
+    if size is None or isinstance(world, bool) or not isinstance(world, int) or world < 1 or not isinstance(nodes, int):
+        return
+    most = _init_args(config.get("data", {})).get("batch_size")
+    split_global_batch(size, world * nodes, most if isinstance(most, int) and most > 0 else size)
+
+
+def _datamodule_check(config: Any) -> Callable[[], Any]:
+    """Build the configured datamodule and call its ``preflight()`` (duck typing: rocoft_pl imports no
+    datamodule); nothing for a class without one."""
+    class_path = config.get("class_path") if hasattr(config, "get") else None
+    if not class_path:
+        return lambda: None
+    module, _, name = str(class_path).rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not callable(getattr(cls, "preflight", None)):
+        return lambda: None
+    return lambda: cls(**_init_args(config)).preflight()
 
 
 VERBOSE_ENV = "ROCOFT_VERBOSE"
@@ -124,7 +191,7 @@ def error_message(err: BaseException, max_lines: int = 6) -> str:
         head, _, tail = message.partition("Original Traceback")
         message = f"{head.strip()} {tail.strip().splitlines()[-1]}"
     lines = message.splitlines()
-    if len(lines) > max_lines:
+    if len(lines) > max_lines and not isinstance(cause, preflight.PreflightError):  # its lines are the point
         message = "\n".join(lines[:max_lines] + ["  (...)"])
     return message
 

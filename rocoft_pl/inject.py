@@ -264,8 +264,8 @@ def apply_rocoft(
         model.set_submodule(name, layer)
         for delta in layer.deltas.values():
             delta.requires_grad_(True)
-        if config.train_bias and layer.base.bias is not None:
-            layer.base.bias.requires_grad_(True)
+        if config.train_bias:
+            layer.train_bias()
     for head in heads.values():
         head._rocoft_head = True
         for p in head.parameters():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -225,6 +225,21 @@ class _RowColumnDeltaLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_delta, None, grad_columns, None, None
 
 
+def add_along(weight: torch.Tensor, dim: int, indices: torch.Tensor, delta: torch.Tensor) -> None:
+    """``weight``'s rows (dim 0) or columns (dim 1) ``indices`` += ``delta``, summed in the wider of the two
+    dtypes and rounded once (a float32 delta on a bf16 W0: not rounded to bf16 before the add)."""
+    dtype = torch.promote_types(weight.dtype, delta.dtype)
+    summed = weight.index_select(dim, indices).to(dtype) + delta.to(dtype)
+    weight.index_copy_(dim, indices, summed.to(weight.dtype))
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the trained tensors next to a W0 of ``dtype``: at least float32. A bf16 delta (and its
+    AdamW moments, which follow the parameter's dtype) rounds away updates below bf16's resolution, ~0.4% of
+    the value; the deltas are small, so their float32 master copy costs little memory."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _copy_full(dst: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full tensor into ``dst``, which may be an FSDP2 shard (a DTensor): every rank holds ``full``, so
     each keeps its own part, without communication."""
@@ -278,7 +293,7 @@ class RoCoFTLinear(nn.Module):
         weight = base.weight
         for part in PARTS[mode]:
             self.register_buffer(part.indices, checked[part.indices].to(weight.device), persistent=True)
-            self.register_parameter(part.delta, nn.Parameter(self._zero_delta(part, weight.dtype, weight.device)))
+            self.register_parameter(part.delta, nn.Parameter(self._zero_delta(part, master_dtype(weight.dtype), weight.device)))
         if mode != "both":  # the attributes exist in every mode; None is in neither state_dict nor parameters()
             self.register_buffer("column_indices", None)
             self.register_parameter("delta_columns", None)
@@ -307,6 +322,35 @@ class RoCoFTLinear(nn.Module):
     def index_sets(self) -> dict[str, torch.Tensor]:
         """The index buffers by name: ``indices``, and ``column_indices`` in mode 'both'."""
         return {p.indices: getattr(self, p.indices) for p in self.parts}
+
+    def _trained(self) -> list[torch.Tensor]:
+        """The tensors kept in the master dtype: the deltas, and W0's bias when it trains (``train_bias``)."""
+        bias = self.base.bias
+        return [*self.deltas.values(), *([bias] if bias is not None and bias.requires_grad else [])]
+
+    @torch.no_grad()
+    def train_bias(self) -> None:
+        """Train W0's bias too, in the master dtype like the deltas. Under FSDP2 this is also what lets a block
+        shard at all: the trained parameters of one FSDP unit must share a dtype."""
+        bias = self.base.bias
+        if bias is None:
+            return
+        bias.data = bias.data.to(master_dtype(bias.dtype))
+        bias.requires_grad_(True)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "RoCoFTLinear":
+        """Module conversions (``.to(torch.bfloat16)``, ``.half()``; Lightning's ``bf16-true`` converts the whole
+        model after the callback adapted it) move the trained tensors and their gradients but keep them in the
+        master dtype (``master_dtype``), converted from their own values, not from a rounded copy."""
+        trained = {id(t) for p in self._trained() for t in (p, p.grad) if t is not None}
+
+        def keep_master(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) not in trained or not out.is_floating_point() or out.dtype == master_dtype(out.dtype):
+                return out
+            return t.detach().to(device=out.device, dtype=master_dtype(out.dtype), copy=True)
+
+        return super()._apply(keep_master, recurse)
 
     def cpu_indices(self) -> dict[str, torch.Tensor]:
         """CPU copies of the index buffers by name (kept through meta-device materialisation)."""
@@ -368,24 +412,35 @@ class RoCoFTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return self.base(x)
+            return self._base_forward(x)
         if self.mode != "entries":
             dtype = self._fused_dtype(x)
             if dtype is not None:
                 return self._fused(x, dtype)
+        # The deltas are cast to the input's dtype (differentiably: their gradient reaches the master copy).
         if self.mode == "row":
-            y = self.base(x)
+            y = self._base_forward(x)
             # In place: the base's backward does not need its output, and an out-of-place add copies it.
-            return y.index_add_(-1, self.indices, F.linear(x, self.delta).to(y.dtype))
+            return y.index_add_(-1, self.indices, F.linear(x, self.delta.to(x.dtype)).to(y.dtype))
         if self.mode == "column":
-            y = self.base(x)
-            return y + F.linear(x.index_select(-1, self.indices), self.delta).to(y.dtype)
+            y = self._base_forward(x)
+            return y + F.linear(x.index_select(-1, self.indices), self.delta.to(x.dtype)).to(y.dtype)
         if self.mode == "both":
-            y = self.base(x)
-            y = y.index_add_(-1, self.indices, F.linear(x, self.delta).to(y.dtype))
-            return y + F.linear(x.index_select(-1, self.column_indices), self._column_delta()).to(y.dtype)
-        weight = self._logical_weight() + self.delta_weight()
-        return F.linear(x, weight, self.base.bias)
+            y = self._base_forward(x)
+            y = y.index_add_(-1, self.indices, F.linear(x, self.delta.to(x.dtype)).to(y.dtype))
+            return y + F.linear(x.index_select(-1, self.column_indices), self._column_delta().to(x.dtype)).to(y.dtype)
+        weight = self._logical_weight()
+        bias = self.base.bias
+        return F.linear(x, weight + self.delta_weight().to(weight.dtype), None if bias is None else bias.to(weight.dtype))
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W0 x + b. A trained bias in the master dtype next to a low-precision W0 is cast to W0's dtype here; the
+        base itself (its hooks, e.g. FSDP's) runs otherwise."""
+        bias = self.base.bias
+        if bias is None or bias.dtype == self.base.weight.dtype:
+            return self.base(x)
+        weight = self._logical_weight()
+        return F.linear(x, weight, bias.to(weight.dtype))
 
     def _column_delta(self) -> torch.Tensor:
         """Mode 'both': ``delta_columns`` with its rows ``indices`` read as zero, as every use reads it.
@@ -403,8 +458,8 @@ class RoCoFTLinear(nn.Module):
     def _fused_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
         """The dtype the fused row / column / both node computes in, or None where it does not apply.
 
-        It needs a frozen plain-tensor W0 called without hooks, and one dtype for x, W0 and the deltas; under
-        autocast that is autocast's dtype (what ``F.linear`` would cast to), otherwise they must already agree.
+        It needs a frozen plain-tensor W0 called without hooks, and one dtype for x and W0 (the master deltas and
+        a trained bias are cast to it); under autocast that is autocast's dtype (what ``F.linear`` would cast to).
         """
         weight = self.base.weight
         if (
@@ -416,9 +471,7 @@ class RoCoFTLinear(nn.Module):
             return None
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             return torch.get_autocast_dtype(x.device.type)
-        if self.mode == "both" and self.delta_columns.dtype != x.dtype:
-            return None
-        return x.dtype if x.dtype == weight.dtype == self.delta.dtype else None
+        return x.dtype if x.dtype == weight.dtype else None  # the deltas and the bias are cast in _fused
 
     def _fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The fused node in ``dtype``. Under autocast, x, the deltas and the bias are cast here (differentiably,
@@ -486,15 +539,19 @@ class RoCoFTLinear(nn.Module):
         if not self.merged:
             weight = self._logical_weight()
             self._w0_selected = self._selected(weight)
-            if self.mode == "row":
-                weight.index_add_(0, self.indices, self.delta.to(weight.dtype))
-            elif self.mode == "column":
-                weight.index_add_(1, self.indices, self.delta.to(weight.dtype))
-            elif self.mode == "both":  # each entry gets its one delta value (the overlap: + 0 from the columns)
-                weight.index_add_(0, self.indices, self.delta.to(weight.dtype))
-                weight.index_add_(1, self.column_indices, self._column_delta().to(weight.dtype))
-            else:
-                weight.add_(self.delta_weight().to(weight.dtype))
+            # W0 + delta in the deltas' (master) precision, rounded once to W0's dtype.
+            if self.mode in ("row", "both"):
+                add_along(weight, 0, self.indices, self.delta)
+            if self.mode == "column":
+                add_along(weight, 1, self.indices, self.delta)
+            if self.mode == "both":  # each entry gets its one delta value (the overlap: + 0 from the columns)
+                add_along(weight, 1, self.column_indices, self._column_delta())
+            if self.mode == "entries":
+                weight.copy_(weight.to(self.delta.dtype) + self.delta_weight())
+            bias = self.base.bias
+            if bias is not None and bias.dtype != weight.dtype:  # a float32 trained bias: the plain layer's dtype
+                self._bias_master = bias.detach().clone()
+                bias.data = bias.data.to(weight.dtype)
             self.merged = True
         return self.base
 
@@ -516,6 +573,9 @@ class RoCoFTLinear(nn.Module):
                 else:
                     weight.index_put_(self._entry_positions(), saved)
             del self._w0_selected
+            master = self.__dict__.pop("_bias_master", None)
+            if master is not None:
+                self.base.bias.data = master.to(self.base.bias.device)
             self.merged = False
         return self
 

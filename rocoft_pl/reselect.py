@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .inject import rocoft_layers
-from .layers import RoCoFTLinear
+from .layers import RoCoFTLinear, add_along
 from .selection import _valid_tokens, module_generator, select_from_scores, wanda_scores
 
 Criterion = Literal["gradient", "wanda", "random"]
@@ -115,7 +115,7 @@ def fold(layer: RoCoFTLinear, new_indices: torch.Tensor) -> None:
     new = _checked_new(layer, new_indices)
     current = layer.indices
     _remember_originals(layer, current)
-    weight.index_add_(dim, current.to(weight.device), layer.delta.to(weight.dtype))
+    add_along(weight, dim, current.to(weight.device), layer.delta)
     layer.delta.zero_()
     layer.set_indices({"indices": new})
 

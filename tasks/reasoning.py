@@ -40,6 +40,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from rocoft_pl.preflight import PreflightError, offline_note, skipped
+
 IGNORE_INDEX = -100
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 ANSWER_TYPES = ("bool", "choice", "letter", "number")
@@ -277,7 +279,8 @@ class LengthGroupedSampler(DistributedSampler):
     length (longest first), cut into global batches, shuffle their order (the longest batch first, so an
     out-of-memory error shows at step 0), and give rank r the rows r, r + world, ... of every global batch.
     Deterministic per (seed, epoch); call ``set_epoch``. It is a DistributedSampler (already sharded), so
-    Lightning neither replaces nor re-shards it under DDP / FSDP.
+    Lightning neither replaces nor re-shards it under DDP / FSDP. ``resume_at`` continues an epoch after the
+    global batches a mid-epoch checkpoint had trained (the DataModule's state in Lightning checkpoints).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, mega_batch_factor: int = 50, seed: int = 0,
@@ -289,9 +292,21 @@ class LengthGroupedSampler(DistributedSampler):
         self.lengths, self.batch_size, self.factor = list(lengths), batch_size, mega_batch_factor
         self.seed, self.epoch, self.num_replicas, self.rank = seed, 0, num_replicas, rank
         self.dataset, self.shuffle, self.drop_last = self.lengths, True, num_replicas > 1
+        self.resumed: Optional[tuple[int, int]] = None  # (epoch, global batches already trained in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Start at epoch ``epoch``'s global batch ``batches``: Lightning restarts a plain DataLoader at the
+        epoch's first batch, which would train those batches twice and never reach the epoch's last ones.
+        ``len()`` stays the whole epoch (Lightning counts the trained batches itself); later epochs are whole.
+        An epoch already finished resumes at the next one."""
+        if batches < 0:
+            raise ValueError(f"batches must be >= 0, got {batches}")
+        if batches >= -(-len(self) // self.batch_size):  # every batch of that epoch was trained
+            epoch, batches = epoch + 1, 0
+        self.epoch, self.resumed = epoch, (epoch, batches)
 
     def global_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
@@ -314,7 +329,10 @@ class LengthGroupedSampler(DistributedSampler):
         return batches
 
     def __iter__(self) -> Iterator[int]:
-        for batch in self.global_batches():
+        batches = self.global_batches()
+        if self.resumed is not None and self.resumed[0] == self.epoch:
+            batches = batches[self.resumed[1]:]
+        for batch in batches:
             yield from batch[self.rank::self.num_replicas]
 
     def __len__(self) -> int:
@@ -347,6 +365,11 @@ class ReasoningDataModule(pl.LightningDataModule):
         val_fraction: hold out this fraction of the training rows as an extra evaluation set named ``heldout``
             (only when ``eval_datasets`` is empty).
         tokenizer_kwargs: extra ``AutoTokenizer.from_pretrained`` arguments (e.g. ``gguf_file``).
+
+    Preflight: construction fails with one ``PreflightError`` listing every dataset that cannot be read (a
+    missing local file, an unknown name, no hub copy, and then the hub datasets that are not reachable either);
+    ``preflight()`` (run by ``prepare_data`` / ``setup``, and by the ``rocoft`` CLI before the model loads) checks
+    the hub datasets: in the datasets cache, or, online, readable with this token. No rows are read.
     """
 
     def __init__(
@@ -380,19 +403,12 @@ class ReasoningDataModule(pl.LightningDataModule):
         self.hub_ids = dict(hub_ids or {})
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
-        for name in [*self.train_datasets, *self.eval_datasets]:
-            if name not in DATASETS and name not in self.data_files:
-                raise ValueError(f"unknown dataset {name!r}: give data_files for it, or one of {sorted(DATASETS)}")
-            if name not in self.data_files and self._hub(name)[0] is None:
-                raise ValueError(f"{name!r} has no hub copy: give data_files (e.g. LLM-Adapters dataset/{name}/test.json)")
         if not self.train_datasets and not self.eval_datasets:
             raise ValueError("give train_datasets and/or eval_datasets")
         if val_fraction is not None and not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         for name, files in self.data_files.items():
             for path in ([files] if isinstance(files, str) else files.values()):
-                if not Path(path).is_file():
-                    raise FileNotFoundError(f"data_files[{name!r}]: no such file {path}")
                 if Path(path).suffix.lower() not in LOCAL_FORMATS:
                     raise ValueError(f"data_files[{name!r}]: {path}: use one of {sorted(LOCAL_FORMATS)}")
         self.tokenizer_name_or_path = str(tokenizer_name_or_path)
@@ -404,8 +420,14 @@ class ReasoningDataModule(pl.LightningDataModule):
         self.max_train_samples, self.max_eval_samples, self.val_fraction = max_train_samples, max_eval_samples, val_fraction
         self.tokenizer_kwargs, self.cache_dir = dict(tokenizer_kwargs or {}), cache_dir
         self._tokenizer: Any = None
+        self._preflight_passed = False
         self.train_rows: Optional[list[dict[str, Any]]] = None
         self.eval_rows: Optional[dict[str, list[dict[str, Any]]]] = None
+        self._resume_at: Optional[tuple[int, int]] = None  # from a checkpoint: (epoch, batches trained in it)
+        self._train_sampler: Optional[LengthGroupedSampler] = None
+        unusable = self._unusable()
+        if unusable:  # with the hub datasets that cannot be reached either: every problem in one error
+            raise self._preflight_error(unusable + ([] if skipped() else self.preflight_problems()))
 
     # -- what the model needs ---------------------------------------------------------------------------
     @property
@@ -497,13 +519,85 @@ class ReasoningDataModule(pl.LightningDataModule):
                                  f"the row's fields are {sorted(raw)}") from e
         return rows
 
+    # -- preflight -------------------------------------------------------------------------------------
+    def _unusable(self) -> list[str]:
+        """Datasets no configuration can load: local files that do not exist, unknown names, and names
+        without a hub copy or data_files (checked on construction: they need no hub to tell)."""
+        problems = []
+        for name in dict.fromkeys([*self.train_datasets, *self.eval_datasets, *self.data_files]):
+            files = self.data_files.get(name)
+            if files is not None:
+                problems += [f"dataset {name}: data_files: no such file {path}"
+                             for path in ([files] if isinstance(files, str) else files.values()) if not Path(path).is_file()]
+            elif name not in DATASETS:
+                problems.append(f"dataset {name}: unknown dataset; give data_files for it, or use one of {sorted(DATASETS)}")
+            elif self._hub(name)[0] is None:
+                problems.append(f"dataset {name}: no hub copy; give data_files (e.g. LLM-Adapters dataset/{name}/test.json)")
+        return problems
+
+    def preflight_problems(self) -> list[str]:
+        """One line per dataset that cannot be loaded (local files given but without the split the run reads;
+        a hub copy neither in the datasets cache nor, online, downloadable), each with the ``data_files`` entry
+        that replaces it. No rows are read."""
+        from .preflight import dataset_problem
+
+        problems: list[str] = []
+        hub_splits: dict[str, list[str]] = {}
+        for purpose, names in (("train", self.train_datasets), ("eval", self.eval_datasets)):
+            for name in names:
+                try:
+                    files, split = self._source(name, purpose)
+                except ValueError as err:
+                    problems.append(f"dataset {name}: {err}")
+                    continue
+                if files is None and self._hub(name)[0] is not None and split not in hub_splits.setdefault(name, []):
+                    hub_splits[name].append(split)
+        for name, splits in hub_splits.items():
+            path, config, _train, _eval = self._hub(name)
+            problem = dataset_problem(name, str(path), config, splits, self.cache_dir)
+            if problem:
+                problems.append(problem)
+        return list(dict.fromkeys(problems))
+
+    def preflight(self) -> None:
+        """Raise one ``PreflightError`` naming every dataset of the run that cannot be loaded, before any is.
+
+        Called by ``prepare_data`` and ``setup`` (it passes once per instance) and by the ``rocoft`` CLI before
+        the model loads; ``ROCOFT_NO_PREFLIGHT=1`` skips it. The local ``data_files`` were checked on
+        construction.
+        """
+        if self._preflight_passed or skipped():
+            return
+        problems = self.preflight_problems()
+        if problems:
+            raise self._preflight_error(problems)
+        self._preflight_passed = True
+
+    def _preflight_error(self, problems: list[str]) -> PreflightError:
+        """One error for all problems; when several datasets need local copies, the single data_files override
+        that gives all of them (a second ``--data.init_args.data_files`` would replace the first)."""
+        from .preflight import data_files_hint, datasets_offline
+
+        names = [n for n in dict.fromkeys([*self.train_datasets, *self.eval_datasets, *self.data_files])
+                 if any(p.startswith(f"dataset {n}: ") for p in problems)]
+        notes = []
+        if len(names) > 1:
+            kept = {n: f for n, f in self.data_files.items() if n not in names}
+            notes.append(f"All at once (data_files on the command line replaces the config's): {data_files_hint(names, kept)}")
+        if any("(offline)" in p for p in problems) and datasets_offline():
+            notes.append(offline_note())
+        return PreflightError(problems, notes)
+
     def prepare_data(self) -> None:
+        self.preflight()
         for name in {*self.train_datasets, *self.eval_datasets} - set(self.data_files):
             self.raw_rows(name, "train" if name in self.train_datasets else "eval")
 
     def setup(self, stage: Optional[str] = None) -> None:
+        self._resume_at = None  # a new run; Lightning restores a checkpoint's position after setup
         if self.train_rows is not None:
             return
+        self.preflight()
         train: list[dict[str, Any]] = []
         for name in self.train_datasets:
             train += self.instruction_rows(name, "train")
@@ -590,8 +684,51 @@ class ReasoningDataModule(pl.LightningDataModule):
                                            self.mega_batch_factor, self.seed, world, rank)
             if trainer is not None:
                 sampler.set_epoch(trainer.current_epoch)
+            if self._resume_at is not None:
+                sampler.resume_at(*self._resume_at)
+            self._train_sampler = sampler
         return DataLoader(self.train_rows, batch_size=self.batch_size, sampler=sampler,
                           shuffle=sampler is None, collate_fn=self.collate_train, num_workers=self.num_workers)
+
+    # -- resuming -------------------------------------------------------------------------------------
+    def _global_batch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return self.batch_size * (trainer.world_size if trainer is not None else 1)
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in Lightning checkpoints: the training epoch and how many of its batches were trained, so that
+        resuming from a mid-epoch checkpoint continues with the next unseen batch (LengthGroupedSampler)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches": trained, "global_batch": self._global_batch()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Lightning restores this after ``setup`` and before it asks for the training loader (single device,
+        DDP) or after (sharded strategies: the latest sampler is told): either way the sampler starts at the
+        first untrained batch. Exact with ``group_by_length`` only (plain shuffling restarts the epoch in
+        another order), and with the same rows per batch over all devices (another global batch orders the
+        epoch differently: a warning, and the rest of the epoch is drawn from its start, as Lightning does with
+        a plain DataLoader)."""
+        from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+        if "epoch" not in state_dict:
+            return
+        saved, now = state_dict.get("global_batch", self._global_batch()), self._global_batch()
+        if saved != now:
+            rank_zero_warn(f"ReasoningDataModule: the checkpoint was trained with {saved} rows per batch over all "
+                           f"devices, this run has {now}: its batch order differs, so the rest of the interrupted "
+                           "epoch is drawn from the epoch's start (some rows twice, others not at all)")
+            return
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches"]))
+        if self._train_sampler is not None:
+            self._train_sampler.resume_at(*self._resume_at)
+        if self.group_by_length and self._resume_at[1]:
+            epoch, batches = self._resume_at
+            rank_zero_info(f"ReasoningDataModule: resuming epoch {epoch} after its first {batches} batches (they are "
+                           "skipped; Lightning's warning that the dataloader is not resumable does not apply to the "
+                           "length-grouped sampler)")
 
     def _eval_loader(self, name: str) -> DataLoader:
         assert self.eval_rows is not None

@@ -368,3 +368,15 @@ def test_rank_zero_indices_replace_both_index_sets_on_every_rank():
     for layer in rocoft_layers(module).values():
         assert layer.indices.tolist() == [3, 5] and layer.column_indices.tolist() == [1, 7]
         assert {k: v.tolist() for k, v in layer.cpu_indices().items()} == {"indices": [3, 5], "column_indices": [1, 7]}
+
+
+def test_fsdp1_is_refused_before_anything_changes():
+    """FSDPStrategy (FSDP1) would write an adapter of flattened deltas: refused in setup, the model untouched."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"FSDPStrategy \(FSDP1\).*ModelParallelStrategy"):
+        RoCoFT(rank=1).setup(SimpleNamespace(strategy=FSDPStrategy()), model, "fit")
+    assert isinstance(model[0], torch.nn.Linear)

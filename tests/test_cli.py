@@ -117,7 +117,7 @@ def test_bad_data_dir_fails_clearly(tmp_path):
 
 
 REASONING = sorted((ROOT / "configs" / "reasoning").glob("*.yaml"))
-FSDP = sorted((ROOT / "configs" / "fsdp").glob("*.yaml"))
+FSDP = sorted(p for p in (ROOT / "configs" / "fsdp").glob("*.yaml") if p.stem != "cpu_2proc")  # the GPU overlays
 
 
 @pytest.mark.parametrize("config", REASONING, ids=lambda p: p.name)
@@ -138,9 +138,9 @@ def test_fsdp_overlays_compose_with_a_task_config(overlay, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     strategy = printed["trainer"]["strategy"]["class_path"]
-    assert strategy.endswith("ModelParallelStrategy" if "fsdp2" in overlay.name else "FSDPStrategy")
+    assert strategy.endswith("ModelParallelStrategy")
     assert printed["trainer"]["precision"] == "bf16-true"
-    assert printed["model"]["init_args"]["init_on_meta"] == ("fsdp2" in overlay.name)
+    assert printed["model"]["init_args"]["init_on_meta"] is True
     assert printed["trainer"]["callbacks"][-1]["init_args"]["train_bias"] is True  # the task's RoCoFT settings survive
 
 
@@ -238,3 +238,98 @@ def test_usage_errors_keep_jsonargparse_s_own_message(tmp_path, capsys, monkeypa
     assert "Got value: diagonal" in err and "rocoft: error:" not in err
     # a one-line usage above the error, not the generated one listing every option (about 50 lines)
     assert err.splitlines()[0].startswith("usage: rocoft fit [--config CONFIG]") and len(err.splitlines()) < 20
+
+
+# -- preflight: every unreachable input in the one error, before the model loads ---------------------------------
+def reasoning_config(tmp_path, model, train=("commonsense_170k",), evals=("boolq", "piqa", "winogrande")):
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    import tiny_causal_lm as tl
+
+    config = {
+        "model": {"class_path": "rocoft_pl.modules.causal_lm.CausalLMModule",
+                  "init_args": {"model_name_or_path": str(model), "learning_rate": 1e-2, "warmup_steps": 1}},
+        "data": {"class_path": "tasks.reasoning.ReasoningDataModule",
+                 "init_args": {"train_datasets": list(train), "eval_datasets": list(evals), "batch_size": 2,
+                               "data_files": {"winogrande": tl.DATASET_FILES["winogrande"]},
+                               "cache_dir": str(tmp_path / "datasets")}},
+        "trainer": {"max_steps": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "reasoning.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_preflight_names_the_model_and_every_dataset_in_one_error_before_loading(tmp_path, capsys, monkeypatch):
+    import datasets
+    import transformers
+
+    from rocoft_pl.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded before the preflight reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    monkeypatch.setattr(sys, "argv", ["rocoft"])
+    monkeypatch.delenv("ROCOFT_VERBOSE", raising=False)
+    monkeypatch.delenv("ROCOFT_NO_PREFLIGHT", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    missing = tmp_path / "no_model"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(reasoning_config(tmp_path, missing))])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    lines = err.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("rocoft: error: "))
+    assert lines[start] == "rocoft: error: 4 inputs of this run cannot be reached (nothing was loaded):"
+    problems = lines[start + 1:start + 5]
+    assert problems[0].startswith(f"  - model {missing}: no such directory {missing}")
+    assert "--model.init_args.model_name_or_path" in problems[0]
+    for line, (name, hub) in zip(problems[1:], [("commonsense_170k", "zwhe99/commonsense_170k"),
+                                                ("boolq", "google/boolq"), ("piqa", "ybisk/piqa")]):
+        assert line.startswith(f"  - dataset {name}: hub {hub} is not in the datasets cache"), line
+        assert f"--data.init_args.data_files '{{{name}: path/to/{name}.json}}'" in line
+    assert "winogrande" not in "".join(problems)  # its local file is there
+    assert any(line.startswith("All at once") for line in lines) and "ROCOFT_NO_PREFLIGHT=1" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_preflight_names_a_global_batch_that_does_not_split_over_the_devices(tmp_path, capsys, monkeypatch):
+    from rocoft_pl.cli import main
+
+    monkeypatch.delenv("ROCOFT_NO_PREFLIGHT", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = reasoning_config(tmp_path, tmp_path / "no_model", train=("winogrande",), evals=("winogrande",))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--trainer.devices", "4", "--global_batch.size", "6"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "global batch size 6 does not split over 4 devices" in err and "nearest: 4 or 8" in err
+    assert "model " in err  # reported together with the other problems
+
+
+def test_preflight_passes_local_inputs_and_can_be_skipped(tmp_path, capsys, monkeypatch):
+    from rocoft_pl.cli import RoCoFTCLI, main
+
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    import tiny_causal_lm as tl
+
+    model = tmp_path / "tiny_llm"
+    tl.tiny_llama().save_pretrained(model)
+    tl.tiny_tokenizer().save_pretrained(model)
+    monkeypatch.delenv("ROCOFT_NO_PREFLIGHT", raising=False)
+    monkeypatch.setattr(sys, "argv", ["rocoft"])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    local = reasoning_config(tmp_path, model, train=("winogrande",), evals=("winogrande",))
+    cli = RoCoFTCLI(args=["--config", str(local), "--global_batch.size", "6"], run=False)  # preflight passes
+    assert cli.model.model is not None and cli.datamodule.eval_datasets == ["winogrande"]  # model and data built
+    from rocoft_pl import GlobalBatchSize
+
+    assert [c.size for c in cli.trainer.callbacks if isinstance(c, GlobalBatchSize)] == [6]  # the CLI's group
+
+    monkeypatch.setenv("ROCOFT_NO_PREFLIGHT", "1")  # skipped: the first failure is the model's own
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(reasoning_config(tmp_path, tmp_path / "no_model"))])
+    assert "cannot be reached" not in capsys.readouterr().err

@@ -414,7 +414,9 @@ def test_both_counts_the_overlap_once_and_ignores_the_column_deltas_copy_of_it()
 def test_both_merge_adds_each_delta_once_and_unmerge_restores_w0_bit_exactly(kind, dtype):
     layer = layer_with_random_delta(kind, "both", ([1, 4, 6], [0, 3, 4]), dtype)
     w0 = logical_weight(layer.base).detach().clone()
-    expected = w0 + layer.delta_weight().detach()  # W0 + R + C, the overlap from R alone
+    # W0 + R + C, the overlap from R alone, summed in the deltas' float32 and rounded once to W0's dtype
+    assert layer.delta.dtype == layer.delta_columns.dtype == torch.float32
+    expected = (w0.float() + layer.delta_weight().detach()).to(dtype)
     x = torch.randn(2, 3, IN, dtype=dtype)
     before = layer(x)
     merged = layer.merge()
@@ -474,3 +476,57 @@ def test_every_config_mode_has_a_layout():
     assert tuple(PARTS) == MODES
     assert [p.indices for p in PARTS["both"]] == ["indices", "column_indices"]
     assert [p.delta for p in PARTS["both"]] == ["delta", "delta_columns"]
+
+
+@pytest.mark.parametrize("mode", ["row", "column", "both"])
+def test_deltas_stay_float32_masters_on_a_bf16_w0_and_keep_updates_bf16_rounds_away(mode):
+    """bf16-true converts the whole model (``.to(torch.bfloat16)``) after RoCoFT adapted it: W0 and the input go
+    to bf16, the deltas (and their gradients) stay float32, so an update below bf16's resolution is kept."""
+    idx = {"indices": torch.tensor([1, 4])} if mode != "both" else {"indices": torch.tensor([1, 4]), "column_indices": torch.tensor([0, 2])}
+    layer = RoCoFTLinear(nn.Linear(IN, OUT), mode, **idx).to(torch.bfloat16)
+    assert layer.base.weight.dtype == torch.bfloat16
+    assert all(d.dtype == torch.float32 for d in layer.deltas.values())
+    with torch.no_grad():
+        for d in layer.deltas.values():
+            d.fill_(1.0)
+    layer(torch.randn(4, IN, dtype=torch.bfloat16)).float().pow(2).sum().backward()
+    delta = layer.delta
+    assert delta.grad.dtype == torch.float32 and delta.grad.abs().min() > 0
+    before = delta.detach().clone()
+    layer.to(torch.bfloat16)  # again, with gradients present: values and dtypes untouched
+    assert torch.equal(delta, before) and delta.dtype == delta.grad.dtype == torch.float32
+    step = 1e-3 / delta.grad.abs().max()  # every |update| <= 1e-3: below half of bf16's spacing at 1.0 (2^-7)
+    torch.optim.SGD([delta], lr=float(step)).step()
+    assert (delta != 1.0).all()  # the float32 master moved everywhere
+    as_bf16 = torch.ones_like(delta, dtype=torch.bfloat16) - (step * delta.grad).to(torch.bfloat16)
+    assert (as_bf16 == 1.0).all()  # a bf16 delta would not have moved at all
+
+
+def test_a_trained_bias_is_a_float32_master_too():
+    """train_bias: the bias trains next to the deltas (FSDP2 needs one dtype for the trained tensors of a unit)."""
+    layer = RoCoFTLinear(nn.Linear(IN, OUT), "row", torch.tensor([0, 2]))
+    layer.train_bias()
+    layer.to(torch.bfloat16)
+    assert layer.base.bias.dtype == torch.float32 and layer.base.bias.requires_grad
+    x = torch.randn(3, IN, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected = F.linear(x, layer.base.weight, layer.base.bias.to(torch.bfloat16))
+    torch.testing.assert_close(y, expected)  # zero deltas: W0 x + b
+    y.float().sum().backward()
+    assert layer.base.bias.grad.dtype == torch.float32
+
+
+def test_merge_gives_a_plain_layer_in_w0s_dtype_and_unmerge_the_float32_bias_back():
+    layer = RoCoFTLinear(nn.Linear(IN, OUT), "row", torch.tensor([0, 2]))
+    layer.train_bias()
+    layer.to(torch.bfloat16)
+    with torch.no_grad():
+        layer.base.bias.add_(1e-4)  # below bf16's resolution near the bias values: lost if rounded for good
+    master = layer.base.bias.detach().clone()
+    x = torch.randn(3, IN, dtype=torch.bfloat16)
+    merged = layer.merge()
+    assert merged.bias.dtype == merged.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(merged(x), layer(x))
+    layer.unmerge()
+    assert layer.base.bias.dtype == torch.float32 and torch.equal(layer.base.bias, master)

@@ -11,10 +11,11 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import tiny_causal_lm as tl  # noqa: E402
 
 
-@pytest.mark.parametrize("dtype, frozen, trained", [(torch.float32, 4, 16), (torch.bfloat16, 2, 8)])
+@pytest.mark.parametrize("dtype, frozen, trained", [(torch.float32, 4, 16), (torch.bfloat16, 2, 16)])
 def test_measured_bytes_per_parameter(dtype, frozen, trained):
     """After a real RoCoFT step: frozen weights hold no gradient and no optimizer state; a trained parameter
-    holds itself, its gradient and AdamW's two moments (the constants fsdp_memory_per_gpu uses)."""
+    holds itself, its gradient and AdamW's two moments, in float32 also next to a bf16 W0 (the master deltas;
+    the constants fsdp_memory_per_gpu uses)."""
     from rocoft_pl import RoCoFTConfig, apply_rocoft
     from benchmark.memory import BYTES, measured_bytes_per_param
 
@@ -41,7 +42,7 @@ def test_rocoft_counts_of_llama2_7b_and_fsdp_memory():
     common = dict(total_params=6_738_415_616, trained_params=3_416_064, block_params=202_383_360, num_layers=32,
                   hidden_size=4096, vocab_size=32000)
     one, eight = fsdp_memory_per_gpu(num_gpus=1, **common), fsdp_memory_per_gpu(num_gpus=8, **common)
-    assert one["states"] == pytest.approx((6_738_415_616 * 2 + 3_416_064 * 6) / 2**30)  # bf16 + 6 B/trained param
+    assert one["states"] == pytest.approx((6_738_415_616 * 2 + 3_416_064 * 14) / 2**30)  # bf16 W0 + fp32 deltas: 16 B each
     assert eight["states"] == pytest.approx(one["states"] / 8)
     assert eight["gathered"] == one["gathered"] and eight["total"] < one["total"]
     full = fsdp_memory_per_gpu(num_gpus=8, **{**common, "trained_params": 6_738_415_616}, precision="fp32-master")

@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
 import tiny_causal_lm as tl  # noqa: E402
+from rocoft_pl.preflight import PreflightError  # noqa: E402
 from tasks.reasoning import (  # noqa: E402
     COMMONSENSE, DATASETS, IGNORE_INDEX, MATH, LengthGroupedSampler, ReasoningDataModule, build_prompt,
     to_instruction_row,
@@ -66,7 +67,7 @@ def test_hub_ids_are_overridable_and_local_files_need_no_hub():
         ReasoningDataModule("unused", eval_datasets=["addsub"])
     with pytest.raises(ValueError, match="unknown dataset"):
         ReasoningDataModule("unused", eval_datasets=["nope"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(PreflightError, match="no such file /no/such.jsonl"):  # a ValueError: all bad inputs at once
         ReasoningDataModule("unused", eval_datasets=["boolq"], data_files={"boolq": "/no/such.jsonl"})
 
 

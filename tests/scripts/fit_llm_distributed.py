@@ -4,7 +4,8 @@ FSDP2 (ModelParallelStrategy, gloo, CPU), then evaluate by generation.
     python tests/scripts/fit_llm_distributed.py RUN[,RUN...] OUT_DIR
 
 RUN: single | fsdp2 | fsdp2-meta (parameters on the meta device, RoCoFT applied, sharded, then rank 0 loads
-the checkpoint in OUT_DIR/base and broadcasts). Each run writes OUT_DIR/RUN/adapter (rank 0, by the RoCoFT
+the checkpoint in OUT_DIR/base and broadcasts); a ``-bf16`` suffix trains under ``bf16-true`` (W0 in bf16, the
+deltas float32 masters), ``-mp`` under FSDP2 mixed precision (fp32 model, MixedPrecisionPolicy computing in bf16). Each run writes OUT_DIR/RUN/adapter (rank 0, by the RoCoFT
 callback) and OUT_DIR/RUN/info.json (rank 0: world size, strategy, whether deltas were DTensors, validation
 metrics). A run that raises writes OUT_DIR/RUN/error.rank<R>.txt and the next run goes ahead.
 
@@ -63,15 +64,24 @@ def datamodule(batch: int) -> ReasoningDataModule:
 class Probe(pl.Callback):
     def __init__(self) -> None:
         self.delta_was_dtensor = None
+        self.dtypes: dict[str, list[str]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.delta_was_dtensor is None:
             from torch.distributed.tensor import DTensor
 
-            self.delta_was_dtensor = all(isinstance(l.delta, DTensor) for l in rocoft_layers(pl_module).values())
+            layers = rocoft_layers(pl_module).values()
+            self.delta_was_dtensor = all(isinstance(l.delta, DTensor) for l in layers)
+            self.dtypes["delta"] = sorted({str(l.delta.dtype) for l in layers})
+            self.dtypes["w0"] = sorted({str(l.base.weight.dtype) for l in layers})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        optimizer = trainer.optimizers[0]
+        self.dtypes["adam_state"] = sorted({str(v.dtype) for s in optimizer.state.values() for k, v in s.items() if k != "step"})
 
 
-def fit(strategy: str, out: Path, base: Path, steps: int = 3, batch: int = 0, meta: bool = False) -> dict:
+def fit(strategy: str, out: Path, base: Path, steps: int = 3, batch: int = 0, meta: bool = False,
+        precision: str = "32-true", param_dtype: str | None = None) -> dict:
     """batch: rows per step per process (default: the same global batch of 4 for 1 or 2 processes)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -84,18 +94,19 @@ def fit(strategy: str, out: Path, base: Path, steps: int = 3, batch: int = 0, me
     else:
         raise SystemExit(f"unknown strategy {strategy!r}")
     module = CausalLMModule(str(base), learning_rate=2e-2, warmup_steps=0, adam_epsilon=1e-3, max_new_tokens=3,
-                            init_on_meta=meta, tokenizer=tl.tiny_tokenizer())
+                            init_on_meta=meta, tokenizer=tl.tiny_tokenizer(), fsdp_param_dtype=param_dtype)
     probe = Probe()
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=steps, callbacks=[RoCoFT(**ROCOFT, adapter_dir=str(out / "adapter")), probe],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, default_root_dir=out, **kwargs,
+        num_sanity_val_steps=0, default_root_dir=out, precision=precision, **kwargs,
     )
     trainer.fit(module, datamodule=datamodule(batch))
     metrics = trainer.validate(module, datamodule=datamodule(batch), verbose=False)[0]
     info = {
         "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__, "global_step": trainer.global_step,
-        "delta_was_dtensor": probe.delta_was_dtensor, "metrics": {k: float(v) for k, v in metrics.items()},
+        "delta_was_dtensor": probe.delta_was_dtensor, "dtypes": probe.dtypes,
+        "metrics": {k: float(v) for k, v in metrics.items()},
     }
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +121,8 @@ def main() -> None:
     for run in runs:
         strategy, *flags = run.split("-")
         try:
-            fit(strategy, out / run, base, meta="meta" in flags)
+            fit(strategy, out / run, base, meta="meta" in flags, precision="bf16-true" if "bf16" in flags else "32-true",
+                param_dtype="bfloat16" if "mp" in flags else None)
         except Exception as err:  # recorded per rank for the tests; later runs still go ahead
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             (out / run).mkdir(parents=True, exist_ok=True)
