@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .adapter import adapter_state_dict, load_adapter, save_adapter
 from .config import RoCoFTConfig
+from .export import export_lora
 from .inject import RoCoFTReport, apply_rocoft, merge_rocoft, rocoft_layers, rocoft_report, unmerge_rocoft
 from .layers import RoCoFTLinear
 
@@ -35,6 +36,7 @@ __all__ = [
     "RoCoFTReport",
     "adapter_state_dict",
     "apply_rocoft",
+    "export_lora",
     "load_adapter",
     "merge_rocoft",
     "rocoft_layers",

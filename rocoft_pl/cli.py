@@ -3,6 +3,7 @@
     rocoft fit --config configs/glue/rte.yaml
     rocoft validate --config configs/glue/rte.yaml --ckpt_path ...
     rocoft predict --config configs/glue/rte.yaml --ckpt_path ...   # GLUE submission TSVs
+    rocoft export-lora ADAPTER_DIR OUT_DIR                          # the adapter as a PEFT LoRA (rocoft_pl.export)
 
 RoCoFT is a callback (``trainer.callbacks: [{class_path: rocoft_pl.RoCoFT, ...}]``). Links: the model's
 ``model_name_or_path`` is the datamodule's ``tokenizer_name_or_path`` (``pkg:<module>`` resolved), and the
@@ -143,6 +144,7 @@ def _datamodule_check(config: Any) -> Callable[[], Any]:
 
 
 VERBOSE_ENV = "ROCOFT_VERBOSE"
+EXPORT_LORA = "export-lora"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -213,7 +215,13 @@ def main(args: Any = None) -> None:
     args, verbose = _take_verbose_flag(args)
     verbose = verbose or os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
     try:
-        RoCoFTCLI(args=args)
+        argv = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else []
+        if argv[:1] == [EXPORT_LORA]:  # not a Lightning subcommand: its own argparse parser
+            from .export import main as export_lora_main
+
+            export_lora_main(argv[1:])
+        else:
+            RoCoFTCLI(args=args)
     except _user_errors() as err:
         if verbose:
             raise
