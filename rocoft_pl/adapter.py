@@ -49,6 +49,7 @@ from .inject import (
     RoCoFTReport,
     adapter_names,
     apply_rocoft,
+    attach_adapter,
     check_addable,
     find_heads,
     find_targets,
@@ -634,7 +635,10 @@ def load_adapter(
             raise ValueError(f"adapter heads {metadata['saved_modules']} do not match the model's modules {sorted(found)}")
         targets_config = RoCoFTConfig(**{**heads_config.to_dict(), "targets": _exact_names(load)})
         indices = {n: _stored(tensors, n, "indices", config) for n in load}
-        apply_rocoft(backbone, targets_config, indices=indices, adapter_name=adapter_name)
+        if adding:
+            attach_adapter(backbone, adapter_name, targets_config, indices=indices)
+        else:
+            apply_rocoft(backbone, targets_config, indices=indices, adapter_name=adapter_name)
     adapters = named_adapters(backbone, adapter_name)
     prefix = metadata.get("config_prefix") or ""
     for name, adapter in adapters.items():  # saved again, it is the adapter it was

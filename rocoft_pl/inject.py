@@ -259,62 +259,23 @@ def apply_rocoft(
     arguments to ``forward`` (default: ``model``) with ``attention_mask`` marking padding.
     ``indices``: explicit indices per target name (used by load_adapter); overrides ``selection``. Each is a
     tensor, or (mode 'both') a mapping {"indices": rows, "column_indices": columns}.
-
-    On a model that already has RoCoFT layers, adds the adapter ``adapter_name`` to them instead (a new name;
-    see ``multi_adapter.add_adapter``): it must select the same layers, train no bias and no head (those are
-    weights every adapter would share), and it stays inactive and frozen until ``set_adapter``. Wanda scores it
-    on the base model's activations (the adapters disabled), so it selects what a fresh model would.
+    ``adapter_name``: the adapter's name; ``multi_adapter.add_adapter`` adds more adapters to the layers.
     """
-    if not isinstance(config, RoCoFTConfig):
-        raise TypeError(f"apply_rocoft expects a RoCoFTConfig, got {type(config).__name__}")
+    _check_config(config)
     check_adapter_name(adapter_name)
-    layers = rocoft_layers(model)
-    if layers:
-        check_addable(model, adapter_name, config.train_bias)
+    names = adapter_names(model)
+    if names:
+        raise ValueError(
+            f"model already has RoCoFT layers (adapters {names}): add_adapter(model, name, config) adds another "
+            "adapter; unload_rocoft(model) gives back plain layers"
+        )
     heads = find_heads(model, config)
     targets = find_targets(model, config, heads)
-    if layers:
-        _check_same_layers(layers, targets, heads, adapter_name)
-    bases = {n: m.base if isinstance(m, RoCoFTLinear) else m for n, m in targets.items()}
-    if indices is not None:
-        unknown = set(indices) - set(targets)
-        missing = set(targets) - set(indices)
-        if unknown or missing:
-            raise ValueError(
-                f"stored indices do not fit the model's targets: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unknown)[:5]}"
-            )
-        chosen = {n: _index_sets(indices[n]) for n in targets}
-    else:
-        norms: dict[str, torch.Tensor] = {}
-        if config.needs_calibration:
-            if calibration is None:
-                raise ValueError(
-                    f"selection={config.selection!r} scores weights with real inputs: pass calibration batches"
-                )
-            with disabled(layers.values()):
-                norms = collect_input_norms(model, bases, calibration, forward)
-        chosen = {
-            n: select_index_sets(m, n, config.mode, config.rank, config.p, config.selection, config.seed, norms.get(n))
-            for n, m in bases.items()
-        }
-    # Build every new layer (adapter) before changing anything: a bad index fails here with the model intact.
-    new: dict[str, nn.Module] = {}
-    for name, base in bases.items():
-        try:
-            if layers:
-                new[name] = RoCoFTDelta(base, config.mode, chosen[name])
-            else:
-                new[name] = RoCoFTLinear(base, config.mode, **chosen[name], adapter_name=adapter_name)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
-        adapter = new[name] if layers else new[name].adapter
-        adapter.rocoft_config, adapter.target = config, name
-    if layers:
-        for name, adapter in new.items():
-            adapter.requires_grad_(False)
-            layers[name].adapters[adapter_name] = adapter
-        return rocoft_report(model, adapter_name)
+    chosen = _choose(model, config, targets, calibration, indices, forward)
+    # Build every new layer before changing anything: a bad index fails here with the model intact.
+    new = _build(targets, lambda n, base: RoCoFTLinear(base, config.mode, **chosen[n], adapter_name=adapter_name))
+    for name, layer in new.items():
+        layer.adapter.rocoft_config, layer.adapter.target = config, name
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -331,6 +292,84 @@ def apply_rocoft(
         for p in head.parameters():
             p.requires_grad_(True)
     return rocoft_report(model)
+
+
+def attach_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    config: RoCoFTConfig,
+    calibration: Optional[Iterable[Any]] = None,
+    *,
+    indices: Optional[Mapping[str, torch.Tensor]] = None,
+    forward: Optional[Callable[..., Any]] = None,
+) -> RoCoFTReport:
+    """Add adapter ``adapter_name`` to the RoCoFT layers of ``model`` (``multi_adapter.add_adapter``,
+    ``load_adapter``), selected as ``apply_rocoft`` selects. It must select the same layers and train no bias and no
+    head (weights every adapter would share); it stays inactive and frozen until ``set_adapter``. Wanda scores it
+    on the base model's activations (the adapters disabled), so it selects what a fresh model would."""
+    _check_config(config)
+    check_adapter_name(adapter_name)
+    layers = rocoft_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no RoCoFT layers to add adapter {adapter_name!r} to: apply_rocoft first")
+    check_addable(model, adapter_name, config.train_bias)
+    heads = find_heads(model, config)
+    targets = find_targets(model, config, heads)
+    _check_same_layers(layers, targets, heads, adapter_name)
+    bases = {n: layers[n].base for n in targets}
+    with disabled(layers.values()):
+        chosen = _choose(model, config, bases, calibration, indices, forward)
+    new = _build(bases, lambda n, base: RoCoFTDelta(base, config.mode, chosen[n]))
+    for name, adapter in new.items():
+        adapter.rocoft_config, adapter.target = config, name
+        adapter.requires_grad_(False)
+        layers[name].adapters[adapter_name] = adapter
+    return rocoft_report(model, adapter_name)
+
+
+def _check_config(config: Any) -> None:
+    if not isinstance(config, RoCoFTConfig):
+        raise TypeError(f"apply_rocoft expects a RoCoFTConfig, got {type(config).__name__}")
+
+
+def _choose(
+    model: nn.Module,
+    config: RoCoFTConfig,
+    bases: Mapping[str, nn.Module],
+    calibration: Optional[Iterable[Any]],
+    indices: Optional[Mapping[str, torch.Tensor]],
+    forward: Optional[Callable[..., Any]],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The index sets of each target (by name; ``bases``: the plain layers): ``indices`` as given, or selected."""
+    if indices is not None:
+        unknown = set(indices) - set(bases)
+        missing = set(bases) - set(indices)
+        if unknown or missing:
+            raise ValueError(
+                f"stored indices do not fit the model's targets: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unknown)[:5]}"
+            )
+        return {n: _index_sets(indices[n]) for n in bases}
+    norms: dict[str, torch.Tensor] = {}
+    if config.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"selection={config.selection!r} scores weights with real inputs: pass calibration batches")
+        norms = collect_input_norms(model, bases, calibration, forward)
+    return {
+        n: select_index_sets(m, n, config.mode, config.rank, config.p, config.selection, config.seed, norms.get(n))
+        for n, m in bases.items()
+    }
+
+
+def _build(bases: Mapping[str, nn.Module], make: Callable[[str, nn.Module], Any]) -> dict[str, Any]:
+    """``make(name, base)`` for every target; a refusal names the target."""
+    built = {}
+    for name, base in bases.items():
+        try:
+            built[name] = make(name, base)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    return built
 
 
 def check_addable(model: nn.Module, adapter_name: str, trains_bias: bool = False, saves_heads: bool = False) -> None:
@@ -458,6 +497,7 @@ __all__ = [
     "RoCoFTReport",
     "adapter_names",
     "apply_rocoft",
+    "attach_adapter",
     "block_prefixes",
     "disabled",
     "find_heads",

@@ -25,6 +25,7 @@ from .inject import (
     RoCoFTReport,
     adapter_names,
     apply_rocoft,
+    attach_adapter,
     disabled,
     is_merged,
     named_adapters,
@@ -52,7 +53,9 @@ def add_adapter(
     if name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it first, or pick another name")
     if isinstance(path_or_config, RoCoFTConfig):
-        return apply_rocoft(model, path_or_config, calibration, forward=forward, adapter_name=name)
+        if not rocoft_layers(model):
+            return apply_rocoft(model, path_or_config, calibration, forward=forward, adapter_name=name)
+        return attach_adapter(model, name, path_or_config, calibration, forward=forward)
     if isinstance(path_or_config, (str, os.PathLike)):
         return load_adapter(model, path_or_config, adapter_name=name, allow_nonfinite=allow_nonfinite)
     raise TypeError(f"add_adapter takes an adapter directory or a RoCoFTConfig, got {type(path_or_config).__name__}")
