@@ -604,7 +604,7 @@ def load_adapter(
         adapter_name = next(iter(rocoft_layers(backbone).values())).active_adapter if existing else DEFAULT_ADAPTER
     adding = bool(existing) and adapter_name not in existing
     if adding:
-        check_addable(backbone, adapter_name, bool(metadata["trained_biases"]) or bool(metadata["saved_modules"]))
+        check_addable(backbone, adapter_name, bool(metadata["trained_biases"] or metadata["saved_modules"]))
     overwritten = adapter_name if adapter_name in existing else None
     load, skipped, unadapted = _match_targets(backbone, metadata, tensors, config, allow_partial, path, overwritten)
     if adding and set(load) != set(rocoft_layers(backbone)):

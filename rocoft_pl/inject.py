@@ -372,14 +372,15 @@ def _build(bases: Mapping[str, nn.Module], make: Callable[[str, nn.Module], Any]
     return built
 
 
-def check_addable(model: nn.Module, adapter_name: str, trains_bias: bool = False, saves_heads: bool = False) -> None:
+def check_addable(model: nn.Module, adapter_name: str, trains_shared: bool = False) -> None:
     """Raise unless adapter ``adapter_name`` can join the adapters of ``model``: a new name, nothing merged, and no
-    bias or head trained by any of them (one set of those weights would serve, and be saved by, every adapter)."""
+    bias or head trained by any of them or by the new one (``trains_shared``): one set of those weights would serve,
+    and be saved with, every adapter."""
     names = adapter_names(model)
     if adapter_name in names:
         raise ValueError(
-            f"model already has RoCoFT layers with an adapter named {adapter_name!r}: add_adapter(model, name, ...) "
-            "adds another adapter under a new name; delete_adapter or unload_rocoft(model) removes adapters"
+            f"the model already has an adapter named {adapter_name!r}: add_adapter(model, name, ...) adds another "
+            "adapter under a new name; delete_adapter or unload_rocoft(model) removes adapters"
         )
     if is_merged(model):
         raise ValueError(
@@ -388,7 +389,7 @@ def check_addable(model: nn.Module, adapter_name: str, trains_bias: bool = False
     layers = rocoft_layers(model)
     shared = [f"{n}.base.bias" for n, layer in layers.items() if layer.base.bias is not None and layer.base.bias.requires_grad]
     shared += [n for n, m in model.named_modules() if getattr(m, "_rocoft_head", False)]
-    if shared or trains_bias or saves_heads:
+    if shared or trains_shared:
         what = f"the model's adapter {names} trains {shared[0]!r}" if shared else f"adapter {adapter_name!r} trains biases or heads"
         raise ValueError(
             f"cannot add adapter {adapter_name!r} to {names}: {what}. Several adapters on one base train only their "
