@@ -8,7 +8,7 @@ Here W0 is never touched during training and autograd only ever sees r x d tenso
     rows     y = base(x);  y[..., idx] += x @ D.T           D: (r, in)    dL/dD = dL/dW[idx]
     columns  y = base(x) + x[..., idx] @ D.T                 D: (out, r)   dL/dD = dL/dW[:, idx]
     both     rows (D, idx) plus columns (Dc, cidx)           Dc: (out, r)  dL/dDc = dL/dW[:, cidx], 0 on rows idx
-    entries  y = base(x) + x @ scatter(idx, D).T             D: (nnz,)     full-size cost (ablation only)
+    entries  y = x @ (W0 + scatter(idx, D)).T + b            D: (nnz,)     full-size cost (ablation only)
 
 "Row" always means an output feature, also for transformers' Conv1D (GPT-2), whose weight is stored
 (in x out): a row there is a column of ``Conv1D.weight``. Weight decay on D pulls the weight toward W0,
@@ -343,10 +343,6 @@ class Entries(Part):
     def shape(self, r: int, out_features: int, in_features: int) -> tuple[int, ...]:
         return (r,)
 
-    def term(self, y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        dense = self.dense(value.new_zeros(y.shape[-1], x.shape[-1]), indices, value)
-        return y + F.linear(x, dense).to(y.dtype)
-
     def dense(self, dense: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return dense.flatten().index_add(0, indices, value).view_as(dense)
 
@@ -369,12 +365,20 @@ class Entries(Part):
 @dataclass(frozen=True)
 class Layout:
     """A mode: the parts it trains, how their deltas are read (``values``), how many of their elements are free
-    (``free``), and the fused autograd node computing its forward (None: the parts' terms one by one). The node
-    takes ``(x, W0, bias, value_1, indices_1, ..., transposed)``, the parts in order."""
+    (``free``), and its forward: the fused autograd node (None: none), else ``unfused``. The node takes
+    ``(x, W0, bias, value_1, indices_1, ..., transposed)``, the parts in order."""
 
     name: str
     parts: tuple[Part, ...]
     node: Optional[type[torch.autograd.Function]] = None
+
+    def unfused(self, layer: "RoCoFTLinear", x: torch.Tensor, terms: list[tuple[Part, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The forward where the fused node does not apply: the base's output plus each part's term. The deltas are
+        cast to the input's dtype (differentiably: their gradient reaches the master copy)."""
+        y = layer._base_forward(x)
+        for part, indices, value in terms:
+            y = part.term(y, x, indices, value.to(x.dtype))
+        return y
 
     def values(self, deltas: Sequence[torch.Tensor], index_sets: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The deltas as every use reads them (forward, dense delta, merge)."""
@@ -407,12 +411,23 @@ class _RowsAndColumns(Layout):
         return super().free(deltas, index_sets) - index_sets[0].numel() * index_sets[1].numel()
 
 
+@dataclass(frozen=True)
+class _DenseEntries(Layout):
+    """Mode 'entries': W0 plus the scattered delta as one dense weight, one matmul (its cost is full-size anyway)."""
+
+    def unfused(self, layer: "RoCoFTLinear", x: torch.Tensor, terms: list[tuple[Part, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        weight, bias = layer._logical_weight(), layer.base.bias
+        (part, indices, value), = terms
+        dense = part.dense(value.new_zeros(weight.shape), indices, value)
+        return F.linear(x, weight + dense.to(weight.dtype), None if bias is None else bias.to(weight.dtype))
+
+
 # 'both' keeps the row names (and the row mode's random draw) for its rows; its columns draw from their own seed
 # stream, so on a square matrix random rows and columns are independent. The order is config.MODES'.
 LAYOUTS: dict[str, Layout] = {
     "row": Layout("row", (Rows("indices", "delta"),), _RowDeltaLinear),
     "column": Layout("column", (Columns("indices", "delta"),), _ColumnDeltaLinear),
-    "entries": Layout("entries", (Entries("indices", "delta"),)),
+    "entries": _DenseEntries("entries", (Entries("indices", "delta"),)),
     "both": _RowsAndColumns(
         "both", (Rows("indices", "delta"), Columns("column_indices", "delta_columns", "columns")), _RowColumnDeltaLinear
     ),
@@ -748,11 +763,7 @@ class RoCoFTLinear(nn.Module):
             dtype = self._fused_dtype(x)
             if dtype is not None:
                 return self._fused(x, dtype, adapter.layout.node, terms)
-        # The deltas are cast to the input's dtype (differentiably: their gradient reaches the master copy).
-        y = self._base_forward(x)
-        for part, indices, value in terms:
-            y = part.term(y, x, indices, value.to(x.dtype))
-        return y
+        return adapter.layout.unfused(self, x, terms)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W0 x + b. A trained bias in the master dtype next to a low-precision W0 is cast to W0's dtype here; the
