@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from rocoft_pl import RoCoFTConfig, apply_rocoft, merge_rocoft, save_adapter
+from rocoft_pl import RoCoFTConfig, apply_rocoft, merge_rocoft, save_adapter, unload_rocoft
 from rocoft_pl.inject import find_heads, find_targets
 from rocoft_pl.layers import features, is_conv1d
 
@@ -137,7 +137,7 @@ def build_method(name: str, base: nn.Module) -> Method:
         return Method(name, model)
     if m := re.fullmatch(r"rocoft-(row|column|both)-r(\d+)", name):
         report = apply_rocoft(model, RoCoFTConfig(mode=m[1], rank=int(m[2])))
-        return Method(name, model, report.rocoft_params, lambda d: save_adapter(model, d), lambda: merge_rocoft(model))
+        return Method(name, model, report.rocoft_params, lambda d: save_adapter(model, d), lambda: unload_rocoft(merge_rocoft(model)))
     if m := re.fullmatch(r"lora-r(\d+)", name):
         import peft
 

@@ -311,7 +311,7 @@ def load_model(model: str, gguf_file: Optional[str] = None, adapter: Optional[st
     """(model, tokenizer, adapter parameter count): the base model with the adapter loaded (and merged)."""
     import torch
 
-    from rocoft_pl import load_adapter, merge_rocoft
+    from rocoft_pl import load_adapter, merge_rocoft, unload_rocoft
     from rocoft_pl.modules.causal_lm import load_causal_lm, load_tokenizer
 
     kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)} if dtype else {}
@@ -322,7 +322,7 @@ def load_model(model: str, gguf_file: Optional[str] = None, adapter: Optional[st
         report = load_adapter(net, adapter)
         params = report.trainable_params
         if merge:
-            merge_rocoft(net)
+            unload_rocoft(merge_rocoft(net))  # plain layers: save_pretrained (--save-merged) writes a plain checkpoint
     return net.eval(), tokenizer, params
 
 

@@ -12,8 +12,18 @@ __version__ = "0.1.0"
 from .adapter import adapter_state_dict, load_adapter, save_adapter
 from .config import RoCoFTConfig
 from .export import export_lora
-from .inject import RoCoFTReport, apply_rocoft, merge_rocoft, rocoft_layers, rocoft_report, unmerge_rocoft
+from .inject import (
+    RoCoFTReport,
+    adapter_names,
+    apply_rocoft,
+    merge_rocoft,
+    rocoft_layers,
+    rocoft_report,
+    unload_rocoft,
+    unmerge_rocoft,
+)
 from .layers import RoCoFTLinear
+from .multi_adapter import active_adapter, add_adapter, delete_adapter, disable_adapter, set_adapter
 
 
 def __getattr__(name: str) -> Any:
@@ -34,13 +44,20 @@ __all__ = [
     "RoCoFTConfig",
     "RoCoFTLinear",
     "RoCoFTReport",
+    "active_adapter",
+    "adapter_names",
     "adapter_state_dict",
+    "add_adapter",
     "apply_rocoft",
+    "delete_adapter",
+    "disable_adapter",
     "export_lora",
     "load_adapter",
     "merge_rocoft",
     "rocoft_layers",
     "rocoft_report",
     "save_adapter",
+    "set_adapter",
+    "unload_rocoft",
     "unmerge_rocoft",
 ]

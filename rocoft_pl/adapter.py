@@ -45,8 +45,20 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .config import RoCoFTConfig
-from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, merged_record, rocoft_layers, rocoft_report
-from .layers import PARTS, Part, RoCoFTLinear, features, is_supported_base
+from .inject import (
+    RoCoFTReport,
+    adapter_names,
+    apply_rocoft,
+    attach_adapter,
+    check_addable,
+    find_heads,
+    find_targets,
+    is_merged,
+    named_adapters,
+    rocoft_layers,
+    rocoft_report,
+)
+from .layers import DEFAULT_ADAPTER, PARTS, Part, RoCoFTDelta, RoCoFTLinear, check_adapter_name, features, is_supported_base
 from .reselect import NOT_CONSOLIDATED, is_folded
 
 CONFIG_NAME = "adapter_config.json"
@@ -117,16 +129,18 @@ def _trainable_names(model: nn.Module) -> tuple[list[str], list[str]]:
     return biases, heads
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Deltas, indices, trained biases and head weights, by name relative to the backbone (CPU tensors)."""
+def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name``'s deltas and indices (default: the active adapter's), trained biases and head
+    weights, by name relative to the backbone (CPU tensors)."""
     model = find_backbone(model)
     if is_folded(model):  # its delta covers only the current rows: saving it would drop every folded one
         raise ValueError(f"cannot save the adapter: {NOT_CONSOLIDATED}")
     params = dict(model.named_parameters(remove_duplicate=False))
     layers = rocoft_layers(model)
+    adapters = named_adapters(model, adapter_name)
     biases, heads = _trainable_names(model)
     # Checked on every rank before any collective, so all ranks raise alike.
-    on_meta = [f"{n}.{k}" for n, layer in layers.items() for k, d in layer.deltas.items() if d.is_meta]
+    on_meta = [f"{n}.{k}" for n, adapter in adapters.items() for k, d in adapter.deltas.items() if d.is_meta]
     on_meta += [k for k in biases + heads if params[k].is_meta]
     if on_meta:
         raise ValueError(
@@ -136,12 +150,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             "that hold the weights"
         )
     state: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        for key, delta in layer.deltas.items():
+    for name, adapter in adapters.items():
+        for key, delta in adapter.deltas.items():
             state[f"{name}.{key}"] = _full(delta)
-        for key, idx in layer.index_sets.items():
+        for key, idx in adapter.index_sets.items():
             state[f"{name}.{key}"] = _full(idx)
-    for key in biases + heads:
+    for key in biases:  # a merged layer's trained bias: its master copy, not the rounded one in the base
+        state[key] = _full(layers[key[: -len(".base.bias")]].trained_bias())
+    for key in heads:
         state[key] = _full(params[key])
     return state
 
@@ -152,7 +168,7 @@ def base_fingerprint(model: nn.Module, saved_modules: Iterable[str] = ()) -> dic
     model and a fresh one agree), plus a few config sizes for a readable message when they differ."""
     saved_modules = list(saved_modules)
     layers = rocoft_layers(model)
-    deltas = {id(d) for layer in layers.values() for d in layer.deltas.values()}
+    deltas = {id(d) for layer in layers.values() for adapter in layer.adapters.values() for d in adapter.deltas.values()}
     entries = []
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in deltas or _inside(name, saved_modules):
@@ -171,20 +187,24 @@ def base_fingerprint(model: nn.Module, saved_modules: Iterable[str] = ()) -> dic
     }
 
 
-def _config_prefix(model: nn.Module, backbone: nn.Module) -> str:
+def _config_prefix(adapters: Mapping[str, RoCoFTDelta]) -> str:
     """The backbone's name (with a dot) inside the module apply_rocoft was called on: the stored config's
-    regex targets match names relative to that module."""
-    if backbone is model or "_rocoft_config" in vars(backbone):
-        return ""
-    return next(n for n, m in model.named_modules() if m is backbone) + "."
+    regex targets match names relative to that module. Each adapter keeps its layer's name as apply_rocoft saw
+    it (``target``); ``adapters`` are named relative to the backbone."""
+    for name, adapter in adapters.items():
+        target = adapter.target
+        if target is not None and target.endswith("." + name):
+            return target[: -len(name)]
+    return ""
 
 
-def adapter_metadata(model: nn.Module, config: RoCoFTConfig) -> dict[str, Any]:
-    """What adapter_config.json holds: enough to refuse a wrong base model with a clear message.
-    write_adapter adds the weights' checksum."""
+def adapter_metadata(model: nn.Module, config: RoCoFTConfig, adapter_name: Optional[str] = None) -> dict[str, Any]:
+    """What adapter_config.json holds for adapter ``adapter_name`` (default: the active one): enough to refuse a
+    wrong base model with a clear message. write_adapter adds the weights' checksum."""
     from . import __version__
 
     backbone = find_backbone(model)
+    adapters = named_adapters(backbone, adapter_name)
     hf_config = getattr(backbone, "config", None)
     biases, heads = _trainable_names(backbone)
     saved_modules = sorted({k.rsplit(".", 1)[0] for k in heads})
@@ -193,7 +213,7 @@ def adapter_metadata(model: nn.Module, config: RoCoFTConfig) -> dict[str, Any]:
         "library": "rocoft_pl",
         "library_version": __version__,
         "config": config.to_dict(),
-        "config_prefix": _config_prefix(model, backbone),
+        "config_prefix": _config_prefix(adapters),
         "base_model": {
             "name_or_path": getattr(hf_config, "name_or_path", None) or getattr(hf_config, "_name_or_path", None),
             "architecture": architecture(backbone),
@@ -207,7 +227,7 @@ def adapter_metadata(model: nn.Module, config: RoCoFTConfig) -> dict[str, Any]:
         "trained_biases": biases,
         "saved_modules": saved_modules,
         "saved_parameters": heads,
-        "report": {k: v for k, v in rocoft_report(backbone).to_dict().items() if k != "modules"},
+        "report": {k: v for k, v in rocoft_report(backbone, adapter_name).to_dict().items() if k != "modules"},
     }
 
 
@@ -418,26 +438,32 @@ def _exchange(a: Path, b: Path) -> bool:
 # -- saving and loading -----------------------------------------------------------------------------------
 
 
-def config_of(model: nn.Module) -> RoCoFTConfig:
-    """The RoCoFTConfig apply_rocoft recorded on the model."""
-    config = getattr(find_backbone(model), "_rocoft_config", None) or getattr(model, "_rocoft_config", None)
-    if config is None:
+def config_of(model: nn.Module, adapter_name: Optional[str] = None) -> RoCoFTConfig:
+    """The RoCoFTConfig adapter ``adapter_name`` (default: the active one) was made with (apply_rocoft,
+    load_adapter or the callback recorded it in the layers)."""
+    if not rocoft_layers(model):
         raise ValueError("model has no RoCoFT adapter (apply_rocoft or load_adapter first)")
+    config = next(iter(named_adapters(model, adapter_name).values())).rocoft_config
+    if config is None:
+        raise ValueError("the model's RoCoFT layers were built by hand and record no RoCoFTConfig (use apply_rocoft)")
     return config
 
 
-def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, allow_nonfinite: bool = False) -> Path:
-    """Save only what RoCoFT trained. ``model`` may be the HF model or a LightningModule holding it.
+def save_adapter(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    adapter_name: Optional[str] = None,
+    allow_nonfinite: bool = False,
+) -> Path:
+    """Save only what RoCoFT trained: adapter ``adapter_name`` (default: the active one). ``model`` may be the HF
+    model or a LightningModule holding it; merged or not (the deltas are kept either way).
     ``allow_nonfinite``: save NaN / inf values anyway (to inspect a diverged run)."""
     if not rocoft_layers(model):
-        if merged_record(model) is not None:
-            raise ValueError(
-                "model has no RoCoFT layers to save: merge_rocoft folded them into the weights; "
-                "unmerge_rocoft(model) first, or save the merged model with save_pretrained"
-            )
         raise ValueError("model has no RoCoFT layers to save")
-    state = adapter_state_dict(model)
-    return write_adapter(path, state, adapter_metadata(model, config_of(model)), allow_nonfinite=allow_nonfinite)
+    state = adapter_state_dict(model, adapter_name)
+    metadata = adapter_metadata(model, config_of(model, adapter_name), adapter_name)
+    return write_adapter(path, state, metadata, allow_nonfinite=allow_nonfinite)
 
 
 def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -514,7 +540,7 @@ def _check_part(name: str, part: Part, tensors: dict[str, torch.Tensor], config:
             f"adapter target {name!r}: {index_key} must be a 1-D int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}"
         )
     n = idx.numel()
-    limit = {"row": out_f, "column": in_f, "entries": out_f * in_f}[axis]
+    limit = part.limit(out_f, in_f)
     if n == 0 or int(idx.min()) < 0 or int(idx.max()) >= limit:
         raise ValueError(f"adapter target {name!r}: {axis} indices empty or outside [0, {limit}) for a {out_f}x{in_f} weight")
     if idx.unique().numel() != n:
@@ -524,7 +550,7 @@ def _check_part(name: str, part: Part, tensors: dict[str, torch.Tensor], config:
             f"adapter target {name!r}: {n} {axis} indices, but the stored config says rank {config.rank}: "
             f"{CONFIG_NAME} and {WEIGHTS_NAME} disagree"
         )
-    expected = {"row": (n, in_f), "column": (out_f, n), "entries": (n,)}[axis]
+    expected = part.shape(n, out_f, in_f)
     if tuple(delta.shape) != expected or not delta.is_floating_point():
         raise ValueError(
             f"adapter target {name!r}: {delta_key} shape {tuple(delta.shape)} ({delta.dtype}) does not fit {config.mode} "
@@ -536,22 +562,28 @@ def load_adapter(
     model: nn.Module,
     path: Union[str, os.PathLike],
     *,
+    adapter_name: Optional[str] = None,
     allow_partial: bool = False,
     allow_nonfinite: bool = False,
 ) -> RoCoFTReport:
     """Re-apply RoCoFT with the stored indices and load deltas, biases and heads. In place.
 
-    ``model`` is a fresh base model (or a LightningModule holding it), or one that already carries RoCoFT
-    layers on the same targets (its deltas are then overwritten); not a merged one. On the meta device the
-    deltas are kept and written when the model is materialised (``reset_parameters`` after ``to_empty``).
+    ``model`` is a fresh base model (or a LightningModule holding it): the adapter becomes its adapter
+    ``adapter_name`` (default ``'default'``). Or it already carries RoCoFT layers on the same targets: an adapter
+    of that name (default: the active one) is overwritten, a new name is added as another adapter, inactive
+    (``add_adapter``; no trained biases or heads then). Not a merged model. On the meta device the deltas are kept
+    and written when the model is materialised (``reset_parameters`` after ``to_empty``).
     ``allow_partial``: load the targets that fit a model that differs from the adapter's base, and list the
     rest in the report (``skipped_targets``, ``unadapted_targets``). ``allow_nonfinite``: load NaN / inf values.
+    The report counts the loaded adapter.
     """
-    if merged_record(model) is not None:
+    if is_merged(model):
         raise ValueError(
             "load_adapter: the model has merged RoCoFT deltas (merge_rocoft); loading would apply an adapter on "
             "top of them. unmerge_rocoft(model) first, or load onto a fresh base model"
         )
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     path = Path(path)
     metadata, tensors = read_adapter(path)
     config = RoCoFTConfig.from_dict(metadata["config"])
@@ -567,7 +599,19 @@ def load_adapter(
     arch = metadata["base_model"]["architecture"]
     if arch and architecture(backbone) != arch:
         raise ValueError(f"adapter at {path} was trained on {arch}, not on {architecture(backbone)}")
-    load, skipped, unadapted = _match_targets(backbone, metadata, tensors, config, allow_partial, path)
+    existing = adapter_names(backbone)
+    if adapter_name is None:
+        adapter_name = next(iter(rocoft_layers(backbone).values())).active_adapter if existing else DEFAULT_ADAPTER
+    adding = bool(existing) and adapter_name not in existing
+    if adding:
+        check_addable(backbone, adapter_name, bool(metadata["trained_biases"] or metadata["saved_modules"]))
+    overwritten = adapter_name if adapter_name in existing else None
+    load, skipped, unadapted = _match_targets(backbone, metadata, tensors, config, allow_partial, path, overwritten)
+    if adding and set(load) != set(rocoft_layers(backbone)):
+        raise ValueError(
+            f"adapter at {path} fits {len(load)} of the model's {len(rocoft_layers(backbone))} RoCoFT layers; an "
+            f"adapter added as {adapter_name!r} next to {existing} must adapt the same layers"
+        )
 
     params = dict(backbone.named_parameters(remove_duplicate=False))
     biases = [k for k in metadata["trained_biases"] if k.rsplit(".base.", 1)[0] in load]
@@ -584,28 +628,32 @@ def load_adapter(
             "base checkpoint. Load the adapter after materialising the model (to_empty + load the base weights)"
         )
 
-    already = rocoft_layers(backbone)
-    if not already:
+    if overwritten is None:
         heads_config = RoCoFTConfig(**{**config.to_dict(), "modules_to_save": metadata["saved_modules"] or []})
         found = set(find_heads(backbone, heads_config)) if metadata["saved_modules"] else set()
         if found != set(metadata["saved_modules"]):
             raise ValueError(f"adapter heads {metadata['saved_modules']} do not match the model's modules {sorted(found)}")
         targets_config = RoCoFTConfig(**{**heads_config.to_dict(), "targets": _exact_names(load)})
-        apply_rocoft(backbone, targets_config, indices={n: _stored(tensors, n, "indices", config) for n in load})
-        backbone._rocoft_config = config
-    layers = rocoft_layers(backbone)
+        indices = {n: _stored(tensors, n, "indices", config) for n in load}
+        if adding:
+            attach_adapter(backbone, adapter_name, targets_config, indices=indices)
+        else:
+            apply_rocoft(backbone, targets_config, indices=indices, adapter_name=adapter_name)
+    adapters = named_adapters(backbone, adapter_name)
+    prefix = metadata.get("config_prefix") or ""
+    for name, adapter in adapters.items():  # saved again, it is the adapter it was
+        adapter.rocoft_config, adapter.target = config, prefix + name
     params = dict(backbone.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name in load:
-            layer = layers[name]
-            layer.set_indices(_stored(tensors, name, "indices", config))
-            layer.load_delta(*_stored(tensors, name, "delta", config).values())
+            adapters[name].set_indices(_stored(tensors, name, "indices", config))
+            adapters[name].load_delta(_stored(tensors, name, "delta", config))
         for key in biases:
             params[key].copy_(tensors[key].to(params[key]))
             params[key].requires_grad_(True)
         for key in metadata["saved_parameters"]:
             params[key].copy_(tensors[key].to(params[key]))
-    report = rocoft_report(backbone)
+    report = rocoft_report(backbone, adapter_name)
     report.skipped_targets, report.unadapted_targets = skipped, unadapted
     return report
 
@@ -633,9 +681,11 @@ def _match_targets(
     config: RoCoFTConfig,
     allow_partial: bool,
     where: Path,
+    overwritten: Optional[str] = None,
 ) -> tuple[list[str], list[str], list[str]]:
     """(adapter targets to load, adapter targets that do not fit, targets the stored config selects in this
-    model that the adapter has no values for). Unless ``allow_partial``, anything but a full match raises."""
+    model that the adapter has no values for). Unless ``allow_partial``, anything but a full match raises.
+    ``overwritten``: the model's adapter the values replace, whose mode and delta shapes they must have."""
     modules = dict(backbone.named_modules())
     already = rocoft_layers(backbone)
     problems: dict[str, str] = {}
@@ -651,13 +701,13 @@ def _match_targets(
             problems[name] = f"adapter target {name!r}: stored shape {info['shape']} != model shape {list(features(base))}"
         elif already and name not in already:
             problems[name] = f"adapter target {name!r} is not a RoCoFT layer, while the model has RoCoFT layers elsewhere"
-        elif already and (
-            already[name].mode != config.mode or [tuple(d.shape) for d in already[name].deltas.values()] != delta_shapes
+        elif overwritten is not None and (
+            (adapter := already[name].adapters[overwritten]).mode != config.mode
+            or [tuple(d.shape) for d in adapter.deltas.values()] != delta_shapes
         ):
-            layer = already[name]
             problems[name] = (
                 f"adapter target {name!r}: delta shape {_shapes(delta_shapes)} ({config.mode}) != the model's RoCoFT "
-                f"layer {_shapes([tuple(d.shape) for d in layer.deltas.values()])} ({layer.mode})"
+                f"layer {_shapes([tuple(d.shape) for d in adapter.deltas.values()])} ({adapter.mode})"
             )
     load = [n for n in metadata["targets"] if n not in problems]
     skipped = [n for n in metadata["targets"] if n in problems]

@@ -43,7 +43,7 @@ from .adapter import (
     write_adapter,
 )
 from .config import Mode, RoCoFTConfig, Selection
-from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, rocoft_layers
+from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, record_config, rocoft_layers
 from .reselect import (
     CRITERIA,
     RESELECT_MODES,
@@ -205,7 +205,7 @@ class RoCoFT(*CALLBACK_BASES):  # type: ignore[misc]
             self.report = apply_rocoft(pl_module, config, calibration, forward=forward)
             if calibration is not None:
                 _use_rank_zero_indices(trainer, pl_module)
-            pl_module._rocoft_config = self.config  # the placeholder selection above is not what we trained
+            record_config(pl_module, self.config)  # the placeholder selection above is not what we trained
         if self.adapter_only_checkpoint:
             if stage == "fit":
                 self._check_checkpoint_format(trainer)
@@ -345,7 +345,7 @@ class RoCoFT(*CALLBACK_BASES):  # type: ignore[misc]
         if not self.adapter_only_checkpoint or "state_dict" not in checkpoint:
             return
         keep = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-        keep |= {f"{n}.{k}" for n, layer in rocoft_layers(pl_module).items() for k in layer.index_sets}
+        keep |= {f"{n}.adapters.{k}" for n, layer in rocoft_layers(pl_module).items() for k in layer.adapters.state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     @staticmethod

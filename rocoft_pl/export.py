@@ -57,7 +57,7 @@ from .adapter import (
     read_adapter,
 )
 from .config import RoCoFTConfig
-from .inject import merged_record, rocoft_layers
+from .inject import rocoft_layers
 from .layers import PARTS, RoCoFTLinear
 
 EXPORT_RECORD = "rocoft_export.json"
@@ -193,8 +193,7 @@ def _source(source: Union[str, os.PathLike, nn.Module]) -> tuple[dict[str, Any],
     ``load_adapter`` checks them."""
     if isinstance(source, nn.Module):
         if not rocoft_layers(source):
-            merged = " (merge_rocoft folded them; unmerge_rocoft first)" if merged_record(source) is not None else ""
-            raise ValueError(f"export_lora: the model has no RoCoFT layers{merged}")
+            raise ValueError("export_lora: the model has no RoCoFT layers (unload_rocoft removed them, or none were applied)")
         return adapter_metadata(source, config_of(source)), adapter_state_dict(source), None
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"export_lora: source must be an adapter directory or a model, got {type(source).__name__}")
@@ -229,7 +228,7 @@ def original_biases(base: Union[str, os.PathLike, nn.Module], metadata: Mapping[
 
 def _module_biases(model: nn.Module, metadata: Mapping[str, Any], targets: list[str]) -> dict[str, torch.Tensor]:
     """b0 from a base model in memory; refused for an adapted or merged model (its biases may be trained)."""
-    if rocoft_layers(model) or merged_record(model) is not None:
+    if rocoft_layers(model):
         raise ValueError(
             "export_lora: base_model must be the plain base model, not one with RoCoFT layers (its biases were trained)"
         )

@@ -1,8 +1,11 @@
-"""apply_rocoft / merge_rocoft: find targets and heads, swap in RoCoFTLinear, freeze the rest, report.
+"""apply_rocoft / merge_rocoft / unload_rocoft: find targets and heads, swap in RoCoFTLinear, freeze the rest,
+report.
 
 apply_rocoft validates everything (targets, ranks, calibration, indices) before it touches the model, so a
-failure leaves the model exactly as it was. merge_rocoft keeps a stack of records (one per call), so
-apply -> merge -> apply -> merge can be undone step by step by unmerge_rocoft, bit-exactly.
+failure leaves the model exactly as it was. On a model that has RoCoFT layers it adds another named adapter to
+them (see multi_adapter). merge_rocoft folds the active adapter into W0 and keeps the wrappers (``merged``: their
+forward skips the delta), unmerge_rocoft restores W0 bit-exactly, and unload_rocoft puts the plain layers back
+(what save_pretrained needs). The merge state lives in each layer, nowhere else.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from .config import RoCoFTConfig
-from .layers import RoCoFTLinear, is_supported_base
+from .layers import DEFAULT_ADAPTER, RoCoFTDelta, RoCoFTLinear, check_adapter_name, is_supported_base
 from .selection import collect_input_norms, select_index_sets
 
 # Task heads that are trained fully when modules_to_save is None (matched on the last name segment).
@@ -64,10 +68,15 @@ def find_heads(model: nn.Module, config: RoCoFTConfig) -> dict[str, nn.Module]:
 
 
 def find_targets(model: nn.Module, config: RoCoFTConfig, heads: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """The nn.Linear / Conv1D modules RoCoFT adapts, in module order."""
+    """The nn.Linear / Conv1D modules RoCoFT adapts, in module order. A RoCoFT layer stands for its base (the
+    name a config's targets see), so another adapter's targets are found on an adapted model too."""
     heads = list(heads)
+    wrapped = list(rocoft_layers(model))
     candidates = {
-        n: m for n, m in model.named_modules() if is_supported_base(m) and n and not _inside(n, heads)
+        n: m
+        for n, m in model.named_modules()
+        if n and (isinstance(m, RoCoFTLinear) or (is_supported_base(m) and not _inside(n, wrapped)))
+        and not _inside(n, heads)
     }
     if config.targets is None:
         blocks = block_prefixes(model)
@@ -173,28 +182,55 @@ def _some(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" ... (+{len(names) - n})" if len(names) > n else "")
 
 
-def rocoft_report(model: nn.Module) -> RoCoFTReport:
-    """Counts derived from the model as it is: deltas, trainable biases of adapted layers, everything else."""
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters on ``model``'s RoCoFT layers (every layer holds the same ones); [] without any."""
+    layers = list(rocoft_layers(model).values())
+    return list(layers[0].adapters) if layers else []
+
+
+def named_adapters(model: nn.Module, name: Optional[str] = None) -> dict[str, RoCoFTDelta]:
+    """Adapter ``name``'s tensors in every RoCoFT layer by layer name (default: the active adapter). Raises with
+    the names there are when ``model`` has no RoCoFT layers or no adapter ``name``."""
     layers = rocoft_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no RoCoFT adapters (apply_rocoft, load_adapter or add_adapter first)")
+    first = next(iter(layers.values()))
+    name = first.active_adapter if name is None else name
+    if name not in first.adapters:
+        raise ValueError(f"no RoCoFT adapter named {name!r}; the model has {list(first.adapters)}")
+    return {n: layer.adapters[name] for n, layer in layers.items()}
+
+
+def is_merged(model: nn.Module) -> bool:
+    """Whether an adapter of ``model`` is merged into its weights (merge_rocoft)."""
+    return any(layer.merged for layer in rocoft_layers(model).values())
+
+
+def rocoft_report(model: nn.Module, adapter_name: Optional[str] = None) -> RoCoFTReport:
+    """Counts derived from the model as it is: one adapter's deltas (default: the active one), trainable biases
+    of adapted layers, everything else. No adapter's deltas count as base parameters."""
+    layers = rocoft_layers(model)
+    adapters = named_adapters(model, adapter_name) if layers else {}
     report = RoCoFTReport()
     bias_ids = set()
     for name, layer in layers.items():
+        adapter = adapters[name]
         report.modules.append(
             ModuleReport(
                 name=name,
                 kind="Conv1D" if layer.transposed else "Linear",
                 out_features=layer.out_features,
                 in_features=layer.in_features,
-                mode=layer.mode,
-                selected=sum(idx.numel() for idx in layer.index_sets.values()),  # 'both': r rows + r columns
-                trainable=layer.num_trainable,
+                mode=adapter.mode,
+                selected=sum(idx.numel() for idx in adapter.index_sets.values()),  # 'both': r rows + r columns
+                trainable=adapter.num_trainable,
             )
         )
-        report.rocoft_params += layer.num_trainable
+        report.rocoft_params += adapter.num_trainable
         if layer.base.bias is not None and layer.base.bias.requires_grad:
             report.bias_params += layer.base.bias.numel()
             bias_ids.add(id(layer.base.bias))
-    delta_ids = {id(d) for layer in layers.values() for d in layer.deltas.values()}
+    delta_ids = {id(d) for layer in layers.values() for a in layer.adapters.values() for d in a.deltas.values()}
     head_ids = {id(p) for n, m in model.named_modules() if getattr(m, "_rocoft_head", False) for p in m.parameters()}
     for p in model.parameters():
         if id(p) in delta_ids:
@@ -215,6 +251,7 @@ def apply_rocoft(
     *,
     indices: Optional[Mapping[str, torch.Tensor]] = None,
     forward: Optional[Callable[..., Any]] = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> RoCoFTReport:
     """Adapt ``model`` in place: targets become RoCoFTLinear, heads train fully, everything else freezes.
 
@@ -222,45 +259,29 @@ def apply_rocoft(
     arguments to ``forward`` (default: ``model``) with ``attention_mask`` marking padding.
     ``indices``: explicit indices per target name (used by load_adapter); overrides ``selection``. Each is a
     tensor, or (mode 'both') a mapping {"indices": rows, "column_indices": columns}.
+    ``adapter_name``: the adapter's name; ``multi_adapter.add_adapter`` adds more adapters to the layers.
     """
-    if not isinstance(config, RoCoFTConfig):
-        raise TypeError(f"apply_rocoft expects a RoCoFTConfig, got {type(config).__name__}")
-    if rocoft_layers(model):
-        raise ValueError("model already has RoCoFT layers; use merge_rocoft() first or start from a fresh model")
+    _check_config(config)
+    check_adapter_name(adapter_name)
+    names = adapter_names(model)
+    if names:
+        raise ValueError(
+            f"model already has RoCoFT layers (adapters {names}): add_adapter(model, name, config) adds another "
+            "adapter; unload_rocoft(model) gives back plain layers"
+        )
     heads = find_heads(model, config)
     targets = find_targets(model, config, heads)
-    if indices is not None:
-        unknown = set(indices) - set(targets)
-        missing = set(targets) - set(indices)
-        if unknown or missing:
-            raise ValueError(
-                f"stored indices do not fit the model's targets: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unknown)[:5]}"
-            )
-        chosen = {n: _index_sets(indices[n]) for n in targets}
-    else:
-        norms: dict[str, torch.Tensor] = {}
-        if config.needs_calibration:
-            if calibration is None:
-                raise ValueError(
-                    f"selection={config.selection!r} scores weights with real inputs: pass calibration batches"
-                )
-            norms = collect_input_norms(model, targets, calibration, forward)
-        chosen = {
-            n: select_index_sets(m, n, config.mode, config.rank, config.p, config.selection, config.seed, norms.get(n))
-            for n, m in targets.items()
-        }
+    chosen = _choose(model, config, targets, calibration, indices, forward)
     # Build every new layer before changing anything: a bad index fails here with the model intact.
-    new_layers = {}
-    for name, module in targets.items():
-        try:
-            new_layers[name] = RoCoFTLinear(module, config.mode, **chosen[name])
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
+    new = _build(targets, lambda n, base: RoCoFTLinear(base, config.mode, **chosen[n], adapter_name=adapter_name))
+    for name, layer in new.items():
+        layer.adapter.rocoft_config, layer.adapter.target = config, name
 
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, layer in new_layers.items():
+    for m in model.modules():  # a head of an earlier, unloaded adapter is no head of this one
+        vars(m).pop("_rocoft_head", None)
+    for name, layer in new.items():
         model.set_submodule(name, layer)
         for delta in layer.deltas.values():
             delta.requires_grad_(True)
@@ -270,8 +291,142 @@ def apply_rocoft(
         head._rocoft_head = True
         for p in head.parameters():
             p.requires_grad_(True)
-    model._rocoft_config = config
     return rocoft_report(model)
+
+
+def attach_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    config: RoCoFTConfig,
+    calibration: Optional[Iterable[Any]] = None,
+    *,
+    indices: Optional[Mapping[str, torch.Tensor]] = None,
+    forward: Optional[Callable[..., Any]] = None,
+) -> RoCoFTReport:
+    """Add adapter ``adapter_name`` to the RoCoFT layers of ``model`` (``multi_adapter.add_adapter``,
+    ``load_adapter``), selected as ``apply_rocoft`` selects. It must select the same layers and train no bias and no
+    head (weights every adapter would share); it stays inactive and frozen until ``set_adapter``. Wanda scores it
+    on the base model's activations (the adapters disabled), so it selects what a fresh model would."""
+    _check_config(config)
+    check_adapter_name(adapter_name)
+    layers = rocoft_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no RoCoFT layers to add adapter {adapter_name!r} to: apply_rocoft first")
+    check_addable(model, adapter_name, config.train_bias)
+    heads = find_heads(model, config)
+    targets = find_targets(model, config, heads)
+    _check_same_layers(layers, targets, heads, adapter_name)
+    bases = {n: layers[n].base for n in targets}
+    with disabled(layers.values()):
+        chosen = _choose(model, config, bases, calibration, indices, forward)
+    new = _build(bases, lambda n, base: RoCoFTDelta(base, config.mode, chosen[n]))
+    for name, adapter in new.items():
+        adapter.rocoft_config, adapter.target = config, name
+        adapter.requires_grad_(False)
+        layers[name].adapters[adapter_name] = adapter
+    return rocoft_report(model, adapter_name)
+
+
+def _check_config(config: Any) -> None:
+    if not isinstance(config, RoCoFTConfig):
+        raise TypeError(f"apply_rocoft expects a RoCoFTConfig, got {type(config).__name__}")
+
+
+def _choose(
+    model: nn.Module,
+    config: RoCoFTConfig,
+    bases: Mapping[str, nn.Module],
+    calibration: Optional[Iterable[Any]],
+    indices: Optional[Mapping[str, torch.Tensor]],
+    forward: Optional[Callable[..., Any]],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The index sets of each target (by name; ``bases``: the plain layers): ``indices`` as given, or selected."""
+    if indices is not None:
+        unknown = set(indices) - set(bases)
+        missing = set(bases) - set(indices)
+        if unknown or missing:
+            raise ValueError(
+                f"stored indices do not fit the model's targets: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unknown)[:5]}"
+            )
+        return {n: _index_sets(indices[n]) for n in bases}
+    norms: dict[str, torch.Tensor] = {}
+    if config.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"selection={config.selection!r} scores weights with real inputs: pass calibration batches")
+        norms = collect_input_norms(model, bases, calibration, forward)
+    return {
+        n: select_index_sets(m, n, config.mode, config.rank, config.p, config.selection, config.seed, norms.get(n))
+        for n, m in bases.items()
+    }
+
+
+def _build(bases: Mapping[str, nn.Module], make: Callable[[str, nn.Module], Any]) -> dict[str, Any]:
+    """``make(name, base)`` for every target; a refusal names the target."""
+    built = {}
+    for name, base in bases.items():
+        try:
+            built[name] = make(name, base)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    return built
+
+
+def check_addable(model: nn.Module, adapter_name: str, trains_shared: bool = False) -> None:
+    """Raise unless adapter ``adapter_name`` can join the adapters of ``model``: a new name, nothing merged, and no
+    bias or head trained by any of them or by the new one (``trains_shared``): one set of those weights would serve,
+    and be saved with, every adapter."""
+    names = adapter_names(model)
+    if adapter_name in names:
+        raise ValueError(
+            f"the model already has an adapter named {adapter_name!r}: add_adapter(model, name, ...) adds another "
+            "adapter under a new name; delete_adapter or unload_rocoft(model) removes adapters"
+        )
+    if is_merged(model):
+        raise ValueError(
+            f"cannot add adapter {adapter_name!r}: an adapter is merged into the weights; unmerge_rocoft(model) first"
+        )
+    layers = rocoft_layers(model)
+    shared = [f"{n}.base.bias" for n, layer in layers.items() if layer.base.bias is not None and layer.base.bias.requires_grad]
+    shared += [n for n, m in model.named_modules() if getattr(m, "_rocoft_head", False)]
+    if shared or trains_shared:
+        what = f"the model's adapter {names} trains {shared[0]!r}" if shared else f"adapter {adapter_name!r} trains biases or heads"
+        raise ValueError(
+            f"cannot add adapter {adapter_name!r} to {names}: {what}. Several adapters on one base train only their "
+            "deltas: biases and heads are weights of the base that every adapter would share (train_bias=False, "
+            "modules_to_save=[])"
+        )
+
+
+def _check_same_layers(
+    layers: Mapping[str, RoCoFTLinear], targets: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], name: str
+) -> None:
+    """An added adapter trains no head and adapts exactly the layers the model's adapters do."""
+    if heads:
+        raise ValueError(
+            f"cannot add adapter {name!r}: its config trains the heads {sorted(heads)} (set modules_to_save=[]); "
+            "heads are weights of the base that every adapter would share"
+        )
+    if set(targets) != set(layers):
+        other = sorted(set(targets) ^ set(layers))
+        raise ValueError(
+            f"cannot add adapter {name!r}: it adapts other layers than the model's adapters ({len(other)} differ, "
+            f"e.g. {other[:3]}); several adapters on one base adapt the same layers"
+        )
+
+
+@contextmanager
+def disabled(layers: Iterable[RoCoFTLinear]) -> Iterator[None]:
+    """Within: ``layers`` compute their base's outputs. Afterwards (also on an exception) each is as it was."""
+    layers = list(layers)
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
 
 
 def _index_sets(given: Any) -> dict[str, torch.Tensor]:
@@ -281,23 +436,21 @@ def _index_sets(given: Any) -> dict[str, torch.Tensor]:
     return {"indices": torch.as_tensor(given, dtype=torch.long).cpu()}
 
 
-# Where merge_rocoft keeps its records for unmerge_rocoft: a list (a stack, one entry per merge) of the merged
-# wrappers by name (deltas, indices, W0's original entries), in the model's __dict__, not as a submodule,
-# so state_dict and save_pretrained do not see them.
-MERGED_LAYERS = "_rocoft_merged_layers"
+def record_config(model: nn.Module, config: RoCoFTConfig, adapter_name: Optional[str] = None) -> None:
+    """Make ``config`` the one adapter ``adapter_name`` (default: the active one) is saved with."""
+    for adapter in named_adapters(model, adapter_name).values():
+        adapter.rocoft_config = config
 
 
 def merge_rocoft(model: nn.Module) -> nn.Module:
-    """Fold every delta into its base weight and put the plain layer back (W0[idx] += D). In place.
+    """Fold the active adapter's deltas into W0 in every RoCoFT layer (W0[idx] += D). In place; returns ``model``.
 
-    The result has no RoCoFT modules, so ``save_pretrained`` works and inference costs nothing extra.
-    ``unmerge_rocoft`` undoes it (W0 restored bit-exactly) while this model object lives; from a saved
-    merged checkpoint, load the adapter onto the base model instead. Merging again after another
-    ``apply_rocoft`` pushes a second record: each ``unmerge_rocoft`` undoes the latest merge.
+    The layers stay RoCoFT layers, marked ``merged``: their forward is the base's alone, so inference costs
+    about what the plain model's does, and ``unmerge_rocoft`` restores W0 bit-exactly (from the r rows / columns
+    each layer copied). ``unload_rocoft(model)`` then gives plain layers for ``save_pretrained``. Merging a
+    merged model changes nothing.
     """
     layers = rocoft_layers(model)
-    if not layers:
-        return model
     folded = [n for n, layer in layers.items() if getattr(layer, "reselection", None) is not None]
     if folded:
         # Merging would work, but unmerge would restore the folded W0, not the original one.
@@ -305,81 +458,57 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
             f"merge_rocoft: {len(folded)} layers (e.g. {folded[0]!r}) hold re-selected RoCoFT layers: "
             "call rocoft_pl.reselect.consolidate(model) first"
         )
-    record = merged_record(model)
-    if record is not None and record[0] is not model:
-        # One stack per model keeps the merges in order; two (here and in a submodule) would not.
-        inner = next(n for n, m in model.named_modules() if m is record[0])
-        raise ValueError(
-            f"merge_rocoft: the submodule {inner!r} holds earlier merges (merge_rocoft was called on it); "
-            f"call merge_rocoft on that submodule, so one record keeps the merges in order"
-        )
-    merged = {}
-    for name, layer in layers.items():
-        model.set_submodule(name, layer.merge())
-        merged[name] = layer
-    model.__dict__.setdefault(MERGED_LAYERS, []).append(merged)
+    if any(layer.disabled for layer in layers.values()):
+        raise ValueError("merge_rocoft inside disable_adapter: merge after the with block")
+    for layer in layers.values():
+        layer.merge()
     return model
 
 
-def merged_record(model: nn.Module) -> Optional[tuple[nn.Module, dict[str, RoCoFTLinear]]]:
-    """(the module merge_rocoft was called on, the wrappers of its latest merge by name), searched in
-    ``model`` and its submodules (a LightningModule holding the merged model), or None if nothing is merged."""
-    for module in model.modules():
-        stack = module.__dict__.get(MERGED_LAYERS)
-        if stack:
-            return module, stack[-1]
-    return None
+def unmerge_rocoft(model: nn.Module) -> nn.Module:
+    """Undo ``merge_rocoft``: W0's selected entries restored from the copies taken at merge time (exact), the
+    deltas train again. In place; ``model`` may also hold the merged model (a LightningModule)."""
+    layers = [layer for layer in rocoft_layers(model).values() if layer.merged]
+    if not layers:
+        raise ValueError("unmerge_rocoft: this model has no RoCoFT layers merged by merge_rocoft")
+    for layer in layers:
+        layer.unmerge()
+    return model
 
 
-def unmerge_rocoft(model: nn.Module, *, discard_later: bool = False) -> nn.Module:
-    """Undo the latest ``merge_rocoft``: W0's selected entries restored from the copies taken at merge time
-    (exact), the RoCoFT layers put back with their deltas, ready to train or save again. In place; ``model``
-    may also hold the merged model (a LightningModule).
-
-    After apply -> merge -> apply -> merge, the first call brings back the second adapter's layers (over
-    W0 + D1), the next one W0 and the first adapter's layers. That second step replaces the second adapter's
-    layers, whose deltas were trained on the merged weights: it refuses unless ``discard_later=True``
-    (``save_adapter`` them first to keep them).
-    """
-    record = merged_record(model)
-    if record is None:
-        raise ValueError("unmerge_rocoft: this model has no layers merged by merge_rocoft")
-    holder, merged = record
-    later = []
-    for name, layer in merged.items():  # check everything before changing anything
-        try:
-            current = holder.get_submodule(name)
-        except AttributeError:
-            current = None
-        if isinstance(current, RoCoFTLinear) and current.base is layer.base and not current.merged:
-            later.append(name)  # applied on top of this merge after it
-        elif current is not layer.base:
-            raise ValueError(f"unmerge_rocoft: {name!r} is no longer the layer merge_rocoft left there")
-    if later and not discard_later:
-        raise ValueError(
-            f"unmerge_rocoft: {len(later)} layers merged earlier now hold RoCoFT layers applied after that merge "
-            f"(e.g. {later[0]!r}); their deltas were trained on the merged weights and undoing the merge "
-            "discards them. save_adapter(model) first if you need them, then unmerge_rocoft(model, discard_later=True)"
-        )
-    for name, layer in merged.items():
-        holder.set_submodule(name, layer.unmerge().to(layer.base.weight.device))
-    stack = holder.__dict__[MERGED_LAYERS]
-    stack.pop()
-    if not stack:
-        del holder.__dict__[MERGED_LAYERS]
+@torch.no_grad()
+def unload_rocoft(model: nn.Module) -> nn.Module:
+    """Put the plain base layers back in place of the RoCoFT layers, as they are: merged layers with the deltas
+    in their weights (``unload_rocoft(merge_rocoft(model))`` is the merged model, ready for ``save_pretrained``),
+    unmerged ones with W0, which drops their adapters. In place; returns ``model``. Nothing of RoCoFT stays on it:
+    no way back to W0 after a merge (save the adapter first to keep it), no head marks. A trained bias is rounded
+    to its weight's dtype, so each layer runs on its own."""
+    for name, layer in rocoft_layers(model).items():
+        bias = layer.base.bias
+        if bias is not None and bias.dtype != layer.base.weight.dtype:
+            bias.data = bias.data.to(layer.base.weight.dtype)
+        model.set_submodule(name, layer.base)
+    for m in model.modules():
+        vars(m).pop("_rocoft_head", None)
     return model
 
 
 __all__ = [
     "AUTO_HEADS",
     "RoCoFTReport",
+    "adapter_names",
     "apply_rocoft",
+    "attach_adapter",
     "block_prefixes",
+    "disabled",
     "find_heads",
     "find_targets",
+    "is_merged",
     "merge_rocoft",
-    "merged_record",
+    "named_adapters",
+    "record_config",
     "rocoft_layers",
     "rocoft_report",
+    "unload_rocoft",
     "unmerge_rocoft",
 ]

@@ -1,4 +1,5 @@
-"""RoCoFTLinear: a frozen base layer plus a zero-initialised row, column, row-and-column or entries delta.
+"""RoCoFTLinear: a frozen base layer plus zero-initialised row, column, row-and-column or entries deltas, one set
+per named adapter.
 
 Why a delta and not the paper's Algorithm 1: concatenating trainable and frozen rows into a weight every
 forward keeps a full-size weight for backward and computes a full-size weight gradient only to slice it.
@@ -12,19 +13,29 @@ Here W0 is never touched during training and autograd only ever sees r x d tenso
 "Row" always means an output feature, also for transformers' Conv1D (GPT-2), whose weight is stored
 (in x out): a row there is a column of ``Conv1D.weight``. Weight decay on D pulls the weight toward W0,
 not toward 0.
+
+Each mode is one ``Layout``: its ``Part`` objects (rows, columns, entries) carry the delta's shape, the axis the
+indices select, the forward term, merge and restore; the layer composes them and never asks which mode it is.
+A layer holds one ``RoCoFTDelta`` per adapter (``adapters``, by name; state_dict keys
+``<layer>.adapters.<name>.delta``) and computes with the active one; several adapters on one base may select
+different rows, or even differ in mode and rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import Mode
+
+# The adapter a single-adapter model has (apply_rocoft, load_adapter and the callback use it by default).
+DEFAULT_ADAPTER = "default"
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -42,40 +53,6 @@ def features(module: nn.Module) -> tuple[int, int]:
         in_features, out_features = module.weight.shape
         return out_features, in_features
     return module.out_features, module.in_features
-
-
-@dataclass(frozen=True)
-class Part:
-    """One index set a mode trains: the index buffer's name, the delta parameter's name, what the indices
-    index (``axis``: 'row', 'column' or 'entries') and the seed stream of its random selection."""
-
-    indices: str
-    delta: str
-    axis: str
-    stream: str = ""
-
-
-# What each mode trains. 'both' keeps the row names (and the row mode's random draw) for its rows; its
-# columns draw from their own seed stream, so on a square matrix random rows and columns are independent.
-PARTS: dict[str, tuple[Part, ...]] = {
-    "row": (Part("indices", "delta", "row"),),
-    "column": (Part("indices", "delta", "column"),),
-    "entries": (Part("indices", "delta", "entries"),),
-    "both": (Part("indices", "delta", "row"), Part("column_indices", "delta_columns", "column", "columns")),
-}
-
-
-def _checked_indices(indices: torch.Tensor, axis: str, out_features: int, in_features: int) -> torch.Tensor:
-    """``indices`` as a flat CPU LongTensor, refused unless non-empty, unique and in range for ``axis``."""
-    indices = torch.as_tensor(indices, dtype=torch.long).flatten().cpu()
-    limit = {"row": out_features, "column": in_features, "entries": out_features * in_features}[axis]
-    if indices.numel() == 0:
-        raise ValueError("RoCoFTLinear needs at least one index")
-    if int(indices.min()) < 0 or int(indices.max()) >= limit:
-        raise ValueError(f"{axis} indices out of range [0, {limit}) for a {out_features}x{in_features} weight")
-    if indices.unique().numel() != indices.numel():
-        raise ValueError(f"{axis} indices must be unique")
-    return indices
 
 
 def _thin_product(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -252,66 +229,282 @@ def _copy_full(dst: torch.Tensor, full: torch.Tensor) -> None:
         dst.copy_(full.to(dst))
 
 
-class RoCoFTLinear(nn.Module):
-    """Wraps an ``nn.Linear`` or ``Conv1D``; only the deltas train, the indices are persistent buffers.
+# -- what each mode trains ------------------------------------------------------------------------------
 
-    ``indices`` are output features (rows), input features (columns) or flat positions in the logical
-    (out x in) weight (entries), sorted ascending; ``delta`` is their update. Mode 'both' trains r rows and r
-    columns: ``indices`` / ``delta`` (r x in) are its rows, exactly as in mode 'row', and ``column_indices`` /
-    ``delta_columns`` (out x r) its columns (both None in the other modes).
 
-    The r x r entries W[indices][:, column_indices] lie in a selected row and a selected column. They are
-    one set of weights, and they belong to the row delta: the column delta's entries on the selected rows
-    are read as zero everywhere (forward, ``delta_weight``, ``merge``), so they get no gradient and change
-    nothing, whatever they hold. Mode 'both' thus has r*in + r*out - r*r free parameters (``num_trainable``,
-    what the reports count: the overlap counted once), stored in r*in + r*out tensor elements
-    (``num_stored``: the delta tensors stay dense rectangles).
+@dataclass(frozen=True)
+class Part:
+    """One index set a mode trains: the index buffer's name, the delta parameter's name and the seed stream of
+    its random selection. The subclass says what the indices index (``axis``: 'row', 'column' or 'entries') and
+    does the arithmetic on the logical (out x in) weight: the delta's shape, the forward term, the dense
+    delta, and merge (``select`` W0's entries first, ``add`` the delta, ``restore`` the copy)."""
+
+    indices: str
+    delta: str
+    stream: str = ""
+    axis: ClassVar[str] = ""
+
+    def limit(self, out_features: int, in_features: int) -> int:
+        """How many positions the indices choose from."""
+        raise NotImplementedError
+
+    def shape(self, r: int, out_features: int, in_features: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def zeros(self, r: int, out_features: int, in_features: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+        return torch.zeros(self.shape(r, out_features, in_features), dtype=dtype, device=device)
+
+    def term(self, y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``y`` plus this part's ``x @ delta.T`` (the unfused forward; ``value`` in ``x``'s dtype)."""
+        raise NotImplementedError
+
+    def dense(self, dense: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``dense`` (out x in) plus the delta at its positions (out of place)."""
+        raise NotImplementedError
+
+    def select(self, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """A copy of the entries of ``weight`` this part updates."""
+        raise NotImplementedError
+
+    def add(self, weight: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> None:
+        """``weight`` += the delta on its positions, in place, summed in the wider dtype and rounded once."""
+        raise NotImplementedError
+
+    def restore(self, weight: torch.Tensor, indices: torch.Tensor, saved: torch.Tensor) -> None:
+        """Put back what ``select`` copied."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Line(Part):
+    """Whole rows (``dim`` 0) or columns (``dim`` 1) of the weight."""
+
+    dim: ClassVar[int] = 0
+
+    def dense(self, dense: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return dense.index_add(self.dim, indices, value)
+
+    def select(self, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return weight.index_select(self.dim, indices)
+
+    def add(self, weight: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> None:
+        add_along(weight, self.dim, indices, value)
+
+    def restore(self, weight: torch.Tensor, indices: torch.Tensor, saved: torch.Tensor) -> None:
+        weight.index_copy_(self.dim, indices, saved.to(weight.device))
+
+
+@dataclass(frozen=True)
+class Rows(_Line):
+    axis: ClassVar[str] = "row"
+    dim: ClassVar[int] = 0
+
+    def limit(self, out_features: int, in_features: int) -> int:
+        return out_features
+
+    def shape(self, r: int, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (r, in_features)
+
+    def term(self, y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        # In place: the base's backward does not need its output, and an out-of-place add copies it.
+        return y.index_add_(-1, indices, F.linear(x, value).to(y.dtype))
+
+
+@dataclass(frozen=True)
+class Columns(_Line):
+    axis: ClassVar[str] = "column"
+    dim: ClassVar[int] = 1
+
+    def limit(self, out_features: int, in_features: int) -> int:
+        return in_features
+
+    def shape(self, r: int, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (out_features, r)
+
+    def zeros(self, r: int, out_features: int, in_features: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+        # (out, r) stored as the transpose of an (r, out) block: autograd then computes dL/dD as
+        # x_idx^T @ dL/dy (r x tokens x out) instead of dL/dy^T @ x_idx (out x tokens x r), which
+        # BLAS runs about 3x slower on CPU for RoBERTa-base shapes.
+        return torch.zeros(r, out_features, dtype=dtype, device=device).t()
+
+    def term(self, y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return y + F.linear(x.index_select(-1, indices), value).to(y.dtype)
+
+
+@dataclass(frozen=True)
+class Entries(Part):
+    """Flat positions in the logical (out x in) weight (valid on a transposed Conv1D view too)."""
+
+    axis: ClassVar[str] = "entries"
+
+    def limit(self, out_features: int, in_features: int) -> int:
+        return out_features * in_features
+
+    def shape(self, r: int, out_features: int, in_features: int) -> tuple[int, ...]:
+        return (r,)
+
+    def dense(self, dense: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return dense.flatten().index_add(0, indices, value).view_as(dense)
+
+    @staticmethod
+    def _positions(weight: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return indices // weight.shape[1], indices % weight.shape[1]
+
+    def select(self, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return weight[self._positions(weight, indices)]
+
+    def add(self, weight: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> None:
+        at = self._positions(weight, indices)
+        dtype = torch.promote_types(weight.dtype, value.dtype)
+        weight.index_put_(at, (weight[at].to(dtype) + value.to(dtype)).to(weight.dtype))
+
+    def restore(self, weight: torch.Tensor, indices: torch.Tensor, saved: torch.Tensor) -> None:
+        weight.index_put_(self._positions(weight, indices), saved.to(weight.device))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A mode: the parts it trains, how their deltas are read (``values``), how many of their elements are free
+    (``free``), and its forward: the fused autograd node (None: none), else ``unfused``. The node takes
+    ``(x, W0, bias, value_1, indices_1, ..., transposed)``, the parts in order."""
+
+    name: str
+    parts: tuple[Part, ...]
+    node: Optional[type[torch.autograd.Function]] = None
+
+    def unfused(self, layer: "RoCoFTLinear", x: torch.Tensor, terms: list[tuple[Part, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The forward where the fused node does not apply: the base's output plus each part's term. The deltas are
+        cast to the input's dtype (differentiably: their gradient reaches the master copy)."""
+        y = layer._base_forward(x)
+        for part, indices, value in terms:
+            y = part.term(y, x, indices, value.to(x.dtype))
+        return y
+
+    def values(self, deltas: Sequence[torch.Tensor], index_sets: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The deltas as every use reads them (forward, dense delta, merge)."""
+        return tuple(deltas)
+
+    def free(self, deltas: Sequence[torch.Tensor], index_sets: Sequence[torch.Tensor]) -> int:
+        """Free parameters (what the reports count)."""
+        return sum(d.numel() for d in deltas)
+
+
+@dataclass(frozen=True)
+class _RowsAndColumns(Layout):
+    """Mode 'both': r rows and r columns. The r x r entries W[rows][:, columns] lie in a selected row and a selected
+    column. They are one set of weights and belong to the row delta: the column delta's entries on the selected
+    rows are read as zero everywhere, so they get no gradient and change nothing, whatever they hold.
+
+    Why not let both deltas update the overlap and only count it once: each copy would get the full gradient, so
+    an optimizer would move those r x r weights about twice as far per step as the others (AdamW: two unit-size
+    steps; weight decay twice), and the training would not be that of r rows and r columns of W. Zeroing on read
+    (not a gradient hook, not trusting the entries to stay zero) keeps this exact under any optimizer, torch.func,
+    or a loaded or edited tensor. The free parameters are r*in + r*out - r*r, stored in r*in + r*out elements
+    (the delta tensors stay dense rectangles). The copy is out x r, and its backward zeroes the same r x r block
+    of the gradient."""
+
+    def values(self, deltas: Sequence[torch.Tensor], index_sets: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        rows, columns = deltas
+        return rows, columns.index_fill(0, index_sets[0], 0)
+
+    def free(self, deltas: Sequence[torch.Tensor], index_sets: Sequence[torch.Tensor]) -> int:
+        return super().free(deltas, index_sets) - index_sets[0].numel() * index_sets[1].numel()
+
+
+@dataclass(frozen=True)
+class _DenseEntries(Layout):
+    """Mode 'entries': W0 plus the scattered delta as one dense weight, one matmul (its cost is full-size anyway)."""
+
+    def unfused(self, layer: "RoCoFTLinear", x: torch.Tensor, terms: list[tuple[Part, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        weight, bias = layer._logical_weight(), layer.base.bias
+        (part, indices, value), = terms
+        dense = part.dense(value.new_zeros(weight.shape), indices, value)
+        return F.linear(x, weight + dense.to(weight.dtype), None if bias is None else bias.to(weight.dtype))
+
+
+# 'both' keeps the row names (and the row mode's random draw) for its rows; its columns draw from their own seed
+# stream, so on a square matrix random rows and columns are independent. The order is config.MODES'.
+LAYOUTS: dict[str, Layout] = {
+    "row": Layout("row", (Rows("indices", "delta"),), _RowDeltaLinear),
+    "column": Layout("column", (Columns("indices", "delta"),), _ColumnDeltaLinear),
+    "entries": _DenseEntries("entries", (Entries("indices", "delta"),)),
+    "both": _RowsAndColumns(
+        "both", (Rows("indices", "delta"), Columns("column_indices", "delta_columns", "columns")), _RowColumnDeltaLinear
+    ),
+}
+PARTS: dict[str, tuple[Part, ...]] = {name: layout.parts for name, layout in LAYOUTS.items()}
+
+
+def _checked_indices(indices: torch.Tensor, part: Part, out_features: int, in_features: int) -> torch.Tensor:
+    """``indices`` as a flat CPU LongTensor, refused unless non-empty, unique and in range for ``part``."""
+    indices = torch.as_tensor(indices, dtype=torch.long).flatten().cpu()
+    limit = part.limit(out_features, in_features)
+    if indices.numel() == 0:
+        raise ValueError("RoCoFTLinear needs at least one index")
+    if int(indices.min()) < 0 or int(indices.max()) >= limit:
+        raise ValueError(f"{part.axis} indices out of range [0, {limit}) for a {out_features}x{in_features} weight")
+    if indices.unique().numel() != indices.numel():
+        raise ValueError(f"{part.axis} indices must be unique")
+    return indices
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_adapter_name(name: Any) -> str:
+    """``name`` if it can name an adapter: letters, digits, '_' and '-' (it becomes a state_dict key segment), and
+    not an attribute of the ModuleDict holding the adapters."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name must be letters, digits, '_' or '-' (and not a ModuleDict attribute), got {name!r}")
+    return name
+
+
+# -- one adapter in one layer ---------------------------------------------------------------------------
+
+
+class RoCoFTDelta(nn.Module):
+    """One adapter's trained tensors in one layer: its mode's index buffers (persistent, sorted ascending) and
+    zero-initialised deltas, in the master dtype of ``base``'s weight. Nothing here computes: the layer does.
+
+    ``rocoft_config`` and ``target`` (the layer's name as that config's targets see it: relative to the module
+    apply_rocoft adapted) are what the adapter is saved with; apply_rocoft and load_adapter set them.
     """
 
-    def __init__(
-        self, base: nn.Module, mode: Mode, indices: torch.Tensor, column_indices: Optional[torch.Tensor] = None
-    ) -> None:
+    def __init__(self, base: nn.Module, mode: Mode, index_sets: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
-        if not is_supported_base(base):
-            raise TypeError(f"RoCoFTLinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
-        if mode not in PARTS:
-            raise ValueError(f"mode must be one of {tuple(PARTS)}, got {mode!r}")
-        if (column_indices is not None) != (mode == "both"):
-            raise ValueError("column_indices go with mode 'both' only, and mode 'both' needs them")
+        if mode not in LAYOUTS:
+            raise ValueError(f"mode must be one of {tuple(LAYOUTS)}, got {mode!r}")
+        layout = LAYOUTS[mode]
+        needed = [p.indices for p in layout.parts]
+        if set(index_sets) != set(needed):
+            raise ValueError(
+                f"mode {mode!r} takes the index sets {needed}, got {sorted(index_sets)}: column_indices go with mode "
+                "'both' only, and mode 'both' needs them"
+            )
         out_features, in_features = features(base)
-        given = {"indices": indices, "column_indices": column_indices}
-        checked = {p.indices: _checked_indices(given[p.indices], p.axis, out_features, in_features) for p in PARTS[mode]}
-        self.base = base
-        self.mode = mode
-        self.in_features = in_features
-        self.out_features = out_features
-        self.transposed = is_conv1d(base)
+        checked = {p.indices: _checked_indices(index_sets[p.indices], p, out_features, in_features) for p in layout.parts}
+        self.layout = layout
         # CPU copies survive to_empty() on the meta device; reset_parameters() restores the buffers from them.
         self._cpu_indices: dict[str, torch.Tensor] = {k: v.clone() for k, v in checked.items()}
         # Values load_adapter could not write because the deltas were on the meta device (see load_delta).
         self._loaded_deltas: dict[str, torch.Tensor] = {}
+        self.rocoft_config: Optional[Any] = None
+        self.target: Optional[str] = None
         weight = base.weight
-        for part in PARTS[mode]:
-            self.register_buffer(part.indices, checked[part.indices].to(weight.device), persistent=True)
-            self.register_parameter(part.delta, nn.Parameter(self._zero_delta(part, master_dtype(weight.dtype), weight.device)))
-        if mode != "both":  # the attributes exist in every mode; None is in neither state_dict nor parameters()
-            self.register_buffer("column_indices", None)
-            self.register_parameter("delta_columns", None)
-        self.merged = False
+        dtype = master_dtype(weight.dtype)
+        for part in layout.parts:
+            idx = checked[part.indices]
+            self.register_buffer(part.indices, idx.to(weight.device), persistent=True)
+            zeros = part.zeros(idx.numel(), out_features, in_features, dtype, weight.device)
+            self.register_parameter(part.delta, nn.Parameter(zeros))
 
-    def _zero_delta(self, part: Part, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        r = self._cpu_indices[part.indices].numel()
-        if part.axis == "column":
-            # (out, r) stored as the transpose of an (r, out) block: autograd then computes dL/dD as
-            # x_idx^T @ dL/dy (r x tokens x out) instead of dL/dy^T @ x_idx (out x tokens x r), which
-            # BLAS runs about 3x slower on CPU for RoBERTa-base shapes.
-            return torch.zeros(r, self.out_features, dtype=dtype, device=device).t()
-        shape = (r, self.in_features) if part.axis == "row" else (r,)
-        return torch.zeros(shape, dtype=dtype, device=device)
+    @property
+    def mode(self) -> str:
+        return self.layout.name
 
     @property
     def parts(self) -> tuple[Part, ...]:
-        return PARTS[self.mode]
+        return self.layout.parts
 
     @property
     def deltas(self) -> dict[str, nn.Parameter]:
@@ -323,10 +516,187 @@ class RoCoFTLinear(nn.Module):
         """The index buffers by name: ``indices``, and ``column_indices`` in mode 'both'."""
         return {p.indices: getattr(self, p.indices) for p in self.parts}
 
+    def terms(self) -> list[tuple[Part, torch.Tensor, torch.Tensor]]:
+        """(part, its indices, its delta as read: see ``Layout.values``), the parts in order."""
+        index_sets = [getattr(self, p.indices) for p in self.parts]
+        values = self.layout.values([getattr(self, p.delta) for p in self.parts], index_sets)
+        return list(zip(self.parts, index_sets, values))
+
+    @property
+    def num_trainable(self) -> int:
+        """Free parameters: the deltas' elements; mode 'both': r*in + r*out - r*r (the overlap counted once)."""
+        return self.layout.free(list(self.deltas.values()), list(self.index_sets.values()))
+
+    @property
+    def num_stored(self) -> int:
+        """Elements of the delta tensors (memory, optimizer state, adapter size): ``num_trainable`` except in
+        mode 'both', which stores the r x r overlap twice (r*in + r*out)."""
+        return sum(d.numel() for d in self.deltas.values())
+
+    def cpu_indices(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the index buffers by name (kept through meta-device materialisation)."""
+        return {k: v.clone() for k, v in self._cpu_indices.items()}
+
+    @torch.no_grad()
+    def set_indices(self, index_sets: Mapping[str, torch.Tensor]) -> None:
+        """Replace index buffers and their CPU copies (a loaded adapter's or rank 0's choice); unchecked."""
+        for name, idx in index_sets.items():
+            if name not in self._cpu_indices:
+                raise KeyError(f"RoCoFTLinear in mode {self.mode!r} has no index buffer {name!r}")
+            getattr(self, name).copy_(idx.to(getattr(self, name).device))
+            self._cpu_indices[name] = idx.detach().to("cpu", torch.long).clone()
+
+    @torch.no_grad()
+    def load_delta(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Set the deltas from full (CPU) tensors by name. On the meta device there is no memory to hold them, so
+        they are kept and written by ``reset_parameters()``, which materialising code runs after ``to_empty``."""
+        for name, value in values.items():
+            target = getattr(self, name)
+            if target.is_meta:
+                self._loaded_deltas[name] = value.detach().to("cpu").clone()
+            else:
+                self._loaded_deltas.pop(name, None)
+                _copy_full(target, value)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Restore the indices and the deltas after meta-device materialisation (``to_empty``): the deltas are
+        zero, or what ``load_delta`` was given while on the meta device."""
+        for part in self.parts:
+            delta, loaded = getattr(self, part.delta), self._loaded_deltas.get(part.delta)
+            if loaded is None:
+                delta.zero_()
+            else:
+                _copy_full(delta, loaded)
+            buffer = getattr(self, part.indices)
+            buffer.copy_(self._cpu_indices[part.indices].to(buffer.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name in self._cpu_indices:
+            if prefix + name in state_dict:
+                self._cpu_indices[name] = state_dict[prefix + name].detach().to("cpu", torch.long).clone()
+
+    def extra_repr(self) -> str:
+        sizes = ", ".join(f"{p.axis}: {getattr(self, p.indices).numel()}" for p in self.parts)
+        return f"mode={self.mode}, {sizes}"
+
+
+@dataclass
+class _Merged:
+    """What ``merge`` changed, to undo it exactly: the merged adapter, W0's entries it overwrote (per part), and a
+    trained bias's master copy (the merge rounds it to W0's dtype)."""
+
+    adapter: str
+    w0: tuple[torch.Tensor, ...]
+    bias: Optional[torch.Tensor]
+
+
+class RoCoFTLinear(nn.Module):
+    """Wraps an ``nn.Linear`` or ``Conv1D``; only the deltas train, the indices are persistent buffers.
+
+    ``adapters`` holds one ``RoCoFTDelta`` per adapter name; the layer computes with ``active_adapter``'s (or with
+    none: ``disabled``, or after ``merge``, whose deltas are in W0). The attributes of one adapter read the active
+    one's: ``indices`` are output features (rows), input features (columns) or flat positions in the logical
+    (out x in) weight (entries), sorted ascending; ``delta`` is their update. Mode 'both' trains r rows and r
+    columns: ``indices`` / ``delta`` (r x in) are its rows, exactly as in mode 'row', and ``column_indices`` /
+    ``delta_columns`` (out x r) its columns (both None in the other modes); see ``_RowsAndColumns`` for the r x r
+    overlap, which belongs to the rows: ``num_trainable`` counts it once, ``num_stored`` twice.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        mode: Mode,
+        indices: torch.Tensor,
+        column_indices: Optional[torch.Tensor] = None,
+        *,
+        adapter_name: str = DEFAULT_ADAPTER,
+    ) -> None:
+        super().__init__()
+        if not is_supported_base(base):
+            raise TypeError(f"RoCoFTLinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        given = {"indices": indices, **({} if column_indices is None else {"column_indices": column_indices})}
+        adapter = RoCoFTDelta(base, mode, given)
+        self.base = base
+        self.out_features, self.in_features = features(base)
+        self.transposed = is_conv1d(base)
+        self.adapters = nn.ModuleDict({check_adapter_name(adapter_name): adapter})
+        self.active_adapter = adapter_name
+        self.disabled = False  # disable_adapter: the base's outputs
+        self._merged: Optional[_Merged] = None
+
+    # -- the active adapter -------------------------------------------------------------------------------
+    @property
+    def adapter(self) -> RoCoFTDelta:
+        return self.adapters[self.active_adapter]
+
+    @property
+    def mode(self) -> str:
+        return self.adapter.mode
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return self.adapter.parts
+
+    @property
+    def deltas(self) -> dict[str, nn.Parameter]:
+        """The active adapter's trained parameters by name: ``delta``, and ``delta_columns`` in mode 'both'."""
+        return self.adapter.deltas
+
+    @property
+    def index_sets(self) -> dict[str, torch.Tensor]:
+        """The active adapter's index buffers by name: ``indices``, and ``column_indices`` in mode 'both'."""
+        return self.adapter.index_sets
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.adapter.indices
+
+    @property
+    def delta(self) -> nn.Parameter:
+        return self.adapter.delta
+
+    @property
+    def column_indices(self) -> Optional[torch.Tensor]:
+        return self.adapter.index_sets.get("column_indices")
+
+    @property
+    def delta_columns(self) -> Optional[nn.Parameter]:
+        return self.adapter.deltas.get("delta_columns")
+
+    @property
+    def num_trainable(self) -> int:
+        return self.adapter.num_trainable
+
+    @property
+    def num_stored(self) -> int:
+        return self.adapter.num_stored
+
+    @property
+    def merged(self) -> bool:
+        return self._merged is not None
+
+    def cpu_indices(self) -> dict[str, torch.Tensor]:
+        return self.adapter.cpu_indices()
+
+    def set_indices(self, index_sets: Mapping[str, torch.Tensor]) -> None:
+        self.adapter.set_indices(index_sets)
+
+    def load_delta(self, delta: torch.Tensor, delta_columns: Optional[torch.Tensor] = None) -> None:
+        """Set the active adapter's deltas from full (CPU) tensors (``delta_columns``: mode 'both' only); on the
+        meta device they are written by ``reset_parameters()`` (see ``RoCoFTDelta.load_delta``)."""
+        names = list(self.deltas)
+        if (delta_columns is not None) != (len(names) == 2):
+            raise ValueError("load_delta: delta_columns go with mode 'both' only, and mode 'both' needs them")
+        self.adapter.load_delta(dict(zip(names, (delta, delta_columns))))
+
+    # -- tensors and dtypes -------------------------------------------------------------------------------
     def _trained(self) -> list[torch.Tensor]:
-        """The tensors kept in the master dtype: the deltas, and W0's bias when it trains (``train_bias``)."""
+        """The tensors kept in the master dtype: every adapter's deltas, and W0's bias when it trains (``train_bias``)."""
         bias = self.base.bias
-        return [*self.deltas.values(), *([bias] if bias is not None and bias.requires_grad else [])]
+        deltas = [d for adapter in self.adapters.values() for d in adapter.deltas.values()]
+        return [*deltas, *([bias] if bias is not None and bias.requires_grad else [])]
 
     @torch.no_grad()
     def train_bias(self) -> None:
@@ -337,6 +707,12 @@ class RoCoFTLinear(nn.Module):
             return
         bias.data = bias.data.to(master_dtype(bias.dtype))
         bias.requires_grad_(True)
+
+    def trained_bias(self) -> Optional[torch.Tensor]:
+        """W0's bias as trained: while merged, the master copy the merge rounded (what an adapter saves)."""
+        if self._merged is not None and self._merged.bias is not None:
+            return self._merged.bias
+        return self.base.bias
 
     def _apply(self, fn: Any, recurse: bool = True) -> "RoCoFTLinear":
         """Module conversions (``.to(torch.bfloat16)``, ``.half()``; Lightning's ``bf16-true`` converts the whole
@@ -352,19 +728,6 @@ class RoCoFTLinear(nn.Module):
 
         return super()._apply(keep_master, recurse)
 
-    def cpu_indices(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the index buffers by name (kept through meta-device materialisation)."""
-        return {k: v.clone() for k, v in self._cpu_indices.items()}
-
-    @torch.no_grad()
-    def set_indices(self, index_sets: Mapping[str, torch.Tensor]) -> None:
-        """Replace index buffers and their CPU copies (a loaded adapter's or rank 0's choice); unchecked."""
-        for name, idx in index_sets.items():
-            if name not in self._cpu_indices:
-                raise KeyError(f"RoCoFTLinear in mode {self.mode!r} has no index buffer {name!r}")
-            getattr(self, name).copy_(idx.to(getattr(self, name).device))
-            self._cpu_indices[name] = idx.detach().to("cpu", torch.long).clone()
-
     # Forward through the base's attributes so code that reads `layer.weight.dtype` keeps working.
     @property
     def weight(self) -> torch.Tensor:
@@ -375,63 +738,32 @@ class RoCoFTLinear(nn.Module):
         return self.base.bias
 
     def reset_parameters(self) -> None:
-        """Restore the indices and the deltas after meta-device materialisation (``to_empty``): the deltas are
-        zero, or what ``load_delta`` was given while on the meta device."""
-        with torch.no_grad():
-            for part in self.parts:
-                delta, loaded = getattr(self, part.delta), self._loaded_deltas.get(part.delta)
-                if loaded is None:
-                    delta.zero_()
-                else:
-                    _copy_full(delta, loaded)
-                buffer = getattr(self, part.indices)
-                buffer.copy_(self._cpu_indices[part.indices].to(buffer.device))
-        self.merged = False
-
-    @torch.no_grad()
-    def load_delta(self, delta: torch.Tensor, delta_columns: Optional[torch.Tensor] = None) -> None:
-        """Set the deltas from full (CPU) tensors (``delta_columns``: mode 'both' only). On the meta device there
-        is no memory to hold them, so they are kept and written by ``reset_parameters()``, which materialising
-        code runs after ``to_empty``."""
-        if (delta_columns is not None) != (self.mode == "both"):
-            raise ValueError("load_delta: delta_columns go with mode 'both' only, and mode 'both' needs them")
-        values = {"delta": delta, "delta_columns": delta_columns}
-        for part in self.parts:
-            target, value = getattr(self, part.delta), values[part.delta]
-            if target.is_meta:
-                self._loaded_deltas[part.delta] = value.detach().to("cpu").clone()
-            else:
-                self._loaded_deltas.pop(part.delta, None)
-                _copy_full(target, value)
+        """Restore every adapter's indices and deltas after meta-device materialisation (``to_empty``): the deltas
+        are zero, or what ``load_delta`` was given while on the meta device."""
+        for adapter in self.adapters.values():
+            adapter.reset_parameters()
+        self._merged = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        """Checkpoints written before adapters had names hold ``<layer>.delta`` (etc.): read them as the active
+        adapter's tensors."""
+        for part in self.parts:
+            for name in (part.indices, part.delta):
+                if prefix + name in state_dict:
+                    state_dict[f"{prefix}adapters.{self.active_adapter}.{name}"] = state_dict.pop(prefix + name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        for name in self._cpu_indices:
-            if prefix + name in state_dict:
-                self._cpu_indices[name] = state_dict[prefix + name].detach().to("cpu", torch.long).clone()
 
+    # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.disabled or self._merged is not None:
             return self._base_forward(x)
-        if self.mode != "entries":
+        adapter = self.adapter
+        terms = adapter.terms()
+        if adapter.layout.node is not None:
             dtype = self._fused_dtype(x)
             if dtype is not None:
-                return self._fused(x, dtype)
-        # The deltas are cast to the input's dtype (differentiably: their gradient reaches the master copy).
-        if self.mode == "row":
-            y = self._base_forward(x)
-            # In place: the base's backward does not need its output, and an out-of-place add copies it.
-            return y.index_add_(-1, self.indices, F.linear(x, self.delta.to(x.dtype)).to(y.dtype))
-        if self.mode == "column":
-            y = self._base_forward(x)
-            return y + F.linear(x.index_select(-1, self.indices), self.delta.to(x.dtype)).to(y.dtype)
-        if self.mode == "both":
-            y = self._base_forward(x)
-            y = y.index_add_(-1, self.indices, F.linear(x, self.delta.to(x.dtype)).to(y.dtype))
-            return y + F.linear(x.index_select(-1, self.column_indices), self._column_delta().to(x.dtype)).to(y.dtype)
-        weight = self._logical_weight()
-        bias = self.base.bias
-        return F.linear(x, weight + self.delta_weight().to(weight.dtype), None if bias is None else bias.to(weight.dtype))
+                return self._fused(x, dtype, adapter.layout.node, terms)
+        return adapter.layout.unfused(self, x, terms)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W0 x + b. A trained bias in the master dtype next to a low-precision W0 is cast to W0's dtype here; the
@@ -443,17 +775,9 @@ class RoCoFTLinear(nn.Module):
         return F.linear(x, weight, bias.to(weight.dtype))
 
     def _column_delta(self) -> torch.Tensor:
-        """Mode 'both': ``delta_columns`` with its rows ``indices`` read as zero, as every use reads it.
-
-        Why not let both deltas update the overlap and only count it once: each copy would get the full
-        gradient, so an optimizer would move those r x r weights about twice as far per step as the others
-        (AdamW: two unit-size steps; weight decay twice), and the training would not be that of r rows and r
-        columns of W. Zeroing on read (not a gradient hook, not trusting the entries to stay zero) keeps this
-        exact under any optimizer, torch.func, or a loaded or edited tensor: those entries get no gradient and
-        have no effect, so the count r*in + r*out - r*r is the number of free parameters. The copy is out x r,
-        and its backward zeroes the same r x r block of the gradient.
-        """
-        return self.delta_columns.index_fill(0, self.indices, 0)
+        """Mode 'both': ``delta_columns`` with its rows ``indices`` read as zero, as every use reads it (see
+        ``_RowsAndColumns``)."""
+        return self.adapter.terms()[1][2]
 
     def _fused_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
         """The dtype the fused row / column / both node computes in, or None where it does not apply.
@@ -473,22 +797,22 @@ class RoCoFTLinear(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype if x.dtype == weight.dtype else None  # the deltas and the bias are cast in _fused
 
-    def _fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _fused(
+        self,
+        x: torch.Tensor,
+        dtype: torch.dtype,
+        node: type[torch.autograd.Function],
+        terms: list[tuple[Part, torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         """The fused node in ``dtype``. Under autocast, x, the deltas and the bias are cast here (differentiably,
         as autocast would), but W0 is cast inside the node, forward and again in backward: the node keeps the
         resident W0, not a low-precision copy of it from forward to backward as autocast's ``F.linear`` does
         (half the frozen model's size under bf16-mixed with fp32 weights)."""
         bias = self.base.bias
-        args: tuple = (
-            x.to(dtype), self.base.weight, None if bias is None else bias.to(dtype), self.delta.to(dtype),
-            self.indices,
-        )
-        if self.mode == "both":
-            node: type[torch.autograd.Function] = _RowColumnDeltaLinear
-            args = (*args, self._column_delta().to(dtype), self.column_indices, self.transposed)
-        else:
-            node = _RowDeltaLinear if self.mode == "row" else _ColumnDeltaLinear
-            args = (*args, self.transposed)
+        args: tuple = (x.to(dtype), self.base.weight, None if bias is None else bias.to(dtype))
+        for _, indices, value in terms:
+            args = (*args, value.to(dtype), indices)
+        args = (*args, self.transposed)
         # Without grad mode nothing is saved for backward, so the node's forward runs as a plain function:
         # Function.apply costs tens of microseconds a call, as much as the layer itself when decoding a token.
         run = node.apply if torch.is_grad_enabled() else node.forward
@@ -502,98 +826,54 @@ class RoCoFTLinear(nn.Module):
         return self.base.weight.t() if self.transposed else self.base.weight
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense (out x in) update R, C, R + C or the scattered entries (for merging and checks)."""
-        dense = torch.zeros(
-            self.out_features, self.in_features, dtype=self.delta.dtype, device=self.delta.device
-        )
-        if self.mode == "row":
-            return dense.index_copy(0, self.indices, self.delta)
-        if self.mode == "column":
-            return dense.index_copy(1, self.indices, self.delta)
-        if self.mode == "both":  # the overlap from the row delta: the column delta is zero there
-            return dense.index_copy(1, self.column_indices, self._column_delta()).index_copy(0, self.indices, self.delta)
-        return dense.flatten().index_copy(0, self.indices, self.delta).view_as(dense)
+        """The active adapter's dense (out x in) update R, C, R + C or the scattered entries (for merging and checks)."""
+        delta = self.delta
+        dense = torch.zeros(self.out_features, self.in_features, dtype=delta.dtype, device=delta.device)
+        for part, indices, value in self.adapter.terms():
+            dense = part.dense(dense, indices, value)
+        return dense
 
-    def _selected(self, weight: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """A copy of the entries of the logical (out x in) ``weight`` that the deltas update (mode 'both': the
-        rows and the columns, r x in and out x r)."""
-        if self.mode == "row":
-            return weight.index_select(0, self.indices)
-        if self.mode == "column":
-            return weight.index_select(1, self.indices)
-        if self.mode == "both":
-            return weight.index_select(0, self.indices), weight.index_select(1, self.column_indices)
-        return weight[self._entry_positions()]
-
-    def _entry_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Entries mode: (row, column) of each flat index, valid on a transposed (Conv1D) view too."""
-        return self.indices // self.in_features, self.indices % self.in_features
-
+    # -- merge --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> nn.Module:
-        """Add the deltas into W0 in place and return the plain base layer (zero inference overhead).
+        """Add the active adapter's deltas into W0 in place and return the base layer, now a plain layer with the
+        adapter in its weight. The wrapper stays (``merged``): its forward is the base's, without the delta.
 
         The selected entries of W0 are copied first (r rows and / or columns: small), so ``unmerge`` restores W0
-        bit-exactly; subtracting the delta again would not be exact in low precision.
+        bit-exactly; subtracting the delta again would not be exact in low precision. A trained bias in the master
+        dtype is rounded to W0's dtype (the base is then usable on its own) and its master copy kept.
         """
-        if not self.merged:
+        if self._merged is None:
             weight = self._logical_weight()
-            self._w0_selected = self._selected(weight)
-            # W0 + delta in the deltas' (master) precision, rounded once to W0's dtype.
-            if self.mode in ("row", "both"):
-                add_along(weight, 0, self.indices, self.delta)
-            if self.mode == "column":
-                add_along(weight, 1, self.indices, self.delta)
-            if self.mode == "both":  # each entry gets its one delta value (the overlap: + 0 from the columns)
-                add_along(weight, 1, self.column_indices, self._column_delta())
-            if self.mode == "entries":
-                weight.copy_(weight.to(self.delta.dtype) + self.delta_weight())
-            bias = self.base.bias
-            if bias is not None and bias.dtype != weight.dtype:  # a float32 trained bias: the plain layer's dtype
-                self._bias_master = bias.detach().clone()
+            terms = self.adapter.terms()
+            saved = tuple(part.select(weight, indices) for part, indices, _ in terms)
+            # W0 + delta in the deltas' (master) precision, rounded once to W0's dtype. Mode 'both': each entry gets
+            # its one delta value (the overlap: + 0 from the columns).
+            for part, indices, value in terms:
+                part.add(weight, indices, value)
+            bias, master = self.base.bias, None
+            if bias is not None and bias.dtype != weight.dtype:
+                master = bias.detach().clone()
                 bias.data = bias.data.to(weight.dtype)
-            self.merged = True
+            self._merged = _Merged(self.active_adapter, saved, master)
         return self.base
 
     @torch.no_grad()
     def unmerge(self) -> "RoCoFTLinear":
         """Undo ``merge``: W0's selected entries back from the copy, the deltas train again."""
-        if self.merged:
-            weight = self._logical_weight()
-            if self.mode == "both":  # both copies hold W0's original overlap, so the order does not matter
-                rows, columns = self._w0_selected
-                weight.index_copy_(0, self.indices, rows.to(weight.device))
-                weight.index_copy_(1, self.column_indices, columns.to(weight.device))
-            else:
-                saved = self._w0_selected.to(weight.device)
-                if self.mode == "row":
-                    weight.index_copy_(0, self.indices, saved)
-                elif self.mode == "column":
-                    weight.index_copy_(1, self.indices, saved)
-                else:
-                    weight.index_put_(self._entry_positions(), saved)
-            del self._w0_selected
-            master = self.__dict__.pop("_bias_master", None)
-            if master is not None:
-                self.base.bias.data = master.to(self.base.bias.device)
-            self.merged = False
+        if self._merged is not None:
+            record, weight = self._merged, self._logical_weight()
+            adapter = self.adapters[record.adapter]
+            for part, indices, saved in reversed(list(zip(adapter.parts, adapter.index_sets.values(), record.w0))):
+                part.restore(weight, indices, saved)
+            if record.bias is not None:
+                self.base.bias.data = record.bias.to(self.base.bias.device)
+            self._merged = None
         return self
-
-    @property
-    def num_trainable(self) -> int:
-        """Free parameters: the delta's elements; mode 'both': r*in + r*out - r*r (the overlap counted once,
-        see ``_column_delta``)."""
-        if self.mode == "both":
-            overlap = self.indices.numel() * self.column_indices.numel()
-            return self.delta.numel() + self.delta_columns.numel() - overlap
-        return self.delta.numel()
-
-    @property
-    def num_stored(self) -> int:
-        """Elements of the delta tensors (memory, optimizer state, adapter size): ``num_trainable`` except in
-        mode 'both', which stores the r x r overlap twice (r*in + r*out)."""
-        return sum(d.numel() for d in self.deltas.values())
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.transposed else "Linear"
-        return f"{kind}({self.in_features}->{self.out_features}), mode={self.mode}, trainable={self.num_trainable}"
+        text = f"{kind}({self.in_features}->{self.out_features}), mode={self.mode}, trainable={self.num_trainable}"
+        if len(self.adapters) > 1:
+            text += f", active_adapter={self.active_adapter!r}"
+        return text + (", merged" if self.merged else "") + (", disabled" if self.disabled else "")

@@ -53,10 +53,17 @@ class Folded:
 
 
 def _dim(layer: RoCoFTLinear) -> int:
-    """The axis of the logical (out x in) weight that the layer's indices index."""
+    """The axis of the logical (out x in) weight that the layer's indices index (and the check that re-selection
+    can work on the layer: every function here goes through it)."""
     if layer.mode not in RESELECT_MODES:
         raise ValueError(f"re-selection works in modes {RESELECT_MODES}, not {layer.mode!r}")
-    return 0 if layer.mode == "row" else 1
+    if len(layer.adapters) > 1:
+        # A fold writes the active adapter into W0, which every other adapter of the layer computes with.
+        raise ValueError(
+            f"re-selection works on a layer with one adapter, this one has {list(layer.adapters)}: "
+            "delete_adapter the others (save_adapter them first to keep them)"
+        )
+    return layer.parts[0].dim
 
 
 def folded_state(layer: RoCoFTLinear) -> Optional[Folded]:
@@ -244,10 +251,6 @@ class Consolidated:
     elements: int
 
 
-def _config_holders(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if vars(m).get("_rocoft_config") is not None]
-
-
 @torch.no_grad()
 def consolidate(model: nn.Module) -> Consolidated:
     """Turn every folded layer back into a plain RoCoFT layer exact against the original W0, in place.
@@ -256,17 +259,13 @@ def consolidate(model: nn.Module) -> Consolidated:
     - W0_original[touched], and W0's touched rows are restored bit-exactly. All layers get one rank R (the
     adapter format's): the largest touched count, the others padded with their lowest untouched rows at
     delta 0 (exact). The deltas become new Parameters (requires_grad, the layer's delta dtype): an
-    optimizer built before no longer holds them. The ``_rocoft_config`` of ``model`` (and of any submodule
-    holding one) gets rank R, so save_adapter / load_adapter work unchanged. Call it on the module
-    apply_rocoft was applied to, or one holding it. Without folded layers it changes nothing.
+    optimizer built before no longer holds them. The RoCoFTConfig the layers record gets rank R, so
+    save_adapter / load_adapter work unchanged. Without folded layers it changes nothing.
     """
     layers = rocoft_layers(model)
     if not any(folded_state(layer) is not None for layer in layers.values()):
         rank = max((layer.indices.numel() for layer in layers.values()), default=0)
         return Consolidated(rank, {n: layer.indices.numel() for n, layer in layers.items()}, _elements(layers))
-    holders = _config_holders(model)
-    if not holders:
-        raise ValueError("consolidate: no RoCoFT config on the model; call it on the module apply_rocoft adapted")
     unions = {}
     for name, layer in layers.items():
         _dim(layer)
@@ -278,8 +277,11 @@ def consolidate(model: nn.Module) -> Consolidated:
     rank = max(u.numel() for u in unions.values())
     for name, layer in layers.items():
         _consolidate_layer(layer, _padded(unions[name], rank, layer))
-    for holder in holders:
-        holder._rocoft_config = dataclasses.replace(holder._rocoft_config, rank=rank)
+    configs: dict[int, object] = {}  # one new config per recorded one (the layers share it)
+    for layer in layers.values():
+        config = layer.adapter.rocoft_config
+        if config is not None:
+            layer.adapter.rocoft_config = configs.setdefault(id(config), dataclasses.replace(config, rank=rank))
     return Consolidated(rank, {n: u.numel() for n, u in unions.items()}, _elements(layers))
 
 
@@ -298,7 +300,8 @@ def _padded(union: torch.Tensor, rank: int, layer: RoCoFTLinear) -> torch.Tensor
 
 def _consolidate_layer(layer: RoCoFTLinear, chosen: torch.Tensor) -> None:
     weight, dim, state = layer._logical_weight(), _dim(layer), folded_state(layer)
-    delta = layer.delta
+    adapter = layer.adapter
+    delta = adapter.delta
     chosen_dev = chosen.to(weight.device)
     # The original W0 on ``chosen``: W0 now, with the recorded originals where folds changed it.
     original = weight.index_select(dim, chosen_dev).clone()
@@ -311,13 +314,13 @@ def _consolidate_layer(layer: RoCoFTLinear, chosen: torch.Tensor) -> None:
     values = (effective - original.double()).to(delta.dtype)
     if state is not None:
         weight.index_copy_(dim, state.touched.to(weight.device), state.originals.to(weight.device))
-    part = layer.parts[0]
-    layer._cpu_indices[part.indices] = chosen.clone()
-    layer.indices = chosen.to(layer.indices.device)
-    new = layer._zero_delta(part, delta.dtype, delta.device)
+    part = adapter.parts[0]
+    adapter._cpu_indices[part.indices] = chosen.clone()
+    setattr(adapter, part.indices, chosen.to(adapter.indices.device))
+    new = part.zeros(chosen.numel(), layer.out_features, layer.in_features, delta.dtype, delta.device)
     new.copy_(values.to(delta.device))
-    layer.delta = nn.Parameter(new, requires_grad=True)
-    layer._loaded_deltas.pop(part.delta, None)
+    setattr(adapter, part.delta, nn.Parameter(new, requires_grad=True))
+    adapter._loaded_deltas.pop(part.delta, None)
     vars(layer).pop("reselection", None)
 
 

@@ -64,14 +64,13 @@ def select_indices(
     if mode not in ("row", "column", "entries"):
         raise ValueError(f"select_indices selects one index set (row, column, entries), not {mode!r}: see select_index_sets")
     out_features, in_features = features(module)
-    if mode == "entries":
-        n = out_features * in_features
+    n = PARTS[mode][0].limit(out_features, in_features)
+    if mode == "entries":  # a fraction p of the entries, not r of them
         mask = torch.rand(n, generator=module_generator(seed, name)) < p
         chosen = mask.nonzero().flatten()
         if chosen.numel() == 0:  # p * n < 1: keep at least one entry so every target trains something
             chosen = torch.randint(n, (1,), generator=module_generator(seed, name))
         return chosen
-    n = out_features if mode == "row" else in_features
     if rank > n:
         raise ValueError(f"rank {rank} exceeds the {n} {mode}s of {name} ({out_features}x{in_features})")
     if strategy == "first":

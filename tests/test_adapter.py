@@ -8,7 +8,16 @@ import torch
 from conftest import batch, tiny_bert, tiny_gpt2, trained
 from safetensors.torch import load_file, save_file
 
-from rocoft_pl import RoCoFTConfig, apply_rocoft, load_adapter, merge_rocoft, rocoft_layers, save_adapter, unmerge_rocoft
+from rocoft_pl import (
+    RoCoFTConfig,
+    apply_rocoft,
+    load_adapter,
+    merge_rocoft,
+    rocoft_layers,
+    save_adapter,
+    unload_rocoft,
+    unmerge_rocoft,
+)
 
 
 def inputs():
@@ -163,29 +172,30 @@ def test_save_refuses_a_model_without_rocoft(tmp_path):
         save_adapter(tiny_bert(), tmp_path)
 
 
-def test_save_of_a_merged_model_says_to_unmerge_and_saves_after_unmerge(tmp_path):
-    model = tiny_bert()
-    apply_rocoft(model, RoCoFTConfig(rank=1))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_merged_model_saves_the_same_adapter_as_the_unmerged_one(tmp_path, dtype):
+    """merge_rocoft keeps the deltas (and a trained bias's float32 master, which the merge rounds to bf16)."""
+    model = trained(mode="both").to(dtype)
+    save_adapter(model, tmp_path / "unmerged")
     merge_rocoft(model)
-    with pytest.raises(ValueError, match=r"merge_rocoft folded them.*unmerge_rocoft"):
-        save_adapter(model, tmp_path)
-    assert not any(tmp_path.iterdir())
-    save_adapter(unmerge_rocoft(model), tmp_path)
-    assert (tmp_path / "adapter_model.safetensors").is_file()
+    save_adapter(model, tmp_path / "merged")
+    files = [(tmp_path / d / "adapter_model.safetensors").read_bytes() for d in ("unmerged", "merged")]
+    assert files[0] == files[1]
+    unload_rocoft(model)
+    with pytest.raises(ValueError, match="no RoCoFT layers"):
+        save_adapter(model, tmp_path / "plain")
 
 
-def test_merged_inside_a_holder_module_the_advice_works_on_the_holder(tmp_path):
+def test_merged_inside_a_holder_module_save_and_unmerge_work_on_the_holder(tmp_path):
     """As with a LightningModule: merge_rocoft on the inner model, save / unmerge called on the holder."""
     holder = torch.nn.Module()
     holder.model = tiny_bert()
     apply_rocoft(holder.model, RoCoFTConfig(rank=1))
     merge_rocoft(holder.model)
-    with pytest.raises(ValueError, match="unmerge_rocoft"):
-        save_adapter(holder, tmp_path)
-    assert unmerge_rocoft(holder) is holder
-    assert rocoft_layers(holder.model) and "_rocoft_merged_layers" not in holder.model.__dict__
     save_adapter(holder, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert unmerge_rocoft(holder) is holder
+    assert rocoft_layers(holder.model) and not any(l.merged for l in rocoft_layers(holder).values())
 
 
 def test_both_adapter_holds_both_index_sets_and_deltas(tmp_path):

@@ -127,6 +127,9 @@ def test_regex_targets_written_for_a_lightning_module_load_onto_the_bare_model(t
     load_adapter(fresh, tmp_path)
     assert len(rocoft_layers(fresh)) == 6
     load_adapter(Wrapper(), tmp_path)
+    save_adapter(fresh, tmp_path / "again")  # the loaded adapter keeps the names its regex saw
+    assert json.loads((tmp_path / "again" / CONFIG).read_text())["config_prefix"] == "model."
+    load_adapter(tiny_bert(), tmp_path / "again")
 
 
 def test_format_1_adapters_still_load_with_the_checks_they_allow(tmp_path):

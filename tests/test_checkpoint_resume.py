@@ -90,7 +90,7 @@ def test_checkpoints_hold_only_the_trained_tensors_and_indices(uninterrupted):
     path = step_checkpoint(root, 3)
     ckpt = torch.load(path, weights_only=True)
     trained = {n for n, p in m.named_parameters() if p.requires_grad}
-    indices = {f"{n}.indices" for n in rocoft_layers(m)}
+    indices = {f"{n}.adapters.default.indices" for n in rocoft_layers(m)}
     assert set(ckpt["state_dict"]) == trained | indices
     assert trained == {n for n in trained if n.endswith((".delta", ".base.bias"))}  # deltas and trained biases
     frozen = {n for n, p in m.named_parameters() if not p.requires_grad}

@@ -9,7 +9,7 @@ import torch
 from conftest import batch, tiny_bert, tiny_gpt2, trained
 from safetensors.torch import load_file
 
-from rocoft_pl import RoCoFTConfig, apply_rocoft, export_lora, merge_rocoft, rocoft_layers, save_adapter
+from rocoft_pl import RoCoFTConfig, apply_rocoft, export_lora, merge_rocoft, rocoft_layers, save_adapter, unload_rocoft
 from rocoft_pl.export import (
     EXPORT_RECORD,
     VLLM_MAX_LORA_RANKS,
@@ -45,7 +45,7 @@ def check_exact(model, make_base, path, ids):
     peft = peft_model(make_base(), path)
     torch.testing.assert_close(logits(peft, ids), logits(model, ids), rtol=0, atol=1e-5)
     merged = peft.merge_and_unload().state_dict()
-    ours = merge_rocoft(model).state_dict()
+    ours = unload_rocoft(merge_rocoft(model)).state_dict()
     assert merged.keys() == ours.keys()
     for key in ours:
         torch.testing.assert_close(merged[key], ours[key], rtol=0, atol=1e-6, msg=key)

@@ -1,4 +1,4 @@
-"""apply_rocoft / merge_rocoft on real transformers architectures (tiny configs), and the paper's counts."""
+"""apply_rocoft / merge_rocoft / unload_rocoft on real transformers architectures (tiny configs), and the paper's counts."""
 
 import re
 
@@ -7,7 +7,7 @@ import torch
 from conftest import batch, tiny_bert, tiny_gpt2
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
-from rocoft_pl import RoCoFTConfig, RoCoFTLinear, apply_rocoft, merge_rocoft, rocoft_layers, unmerge_rocoft
+from rocoft_pl import RoCoFTConfig, RoCoFTLinear, apply_rocoft, merge_rocoft, rocoft_layers, unload_rocoft, unmerge_rocoft
 
 
 def roberta_on_meta(**kw):
@@ -108,6 +108,12 @@ def snapshot(model):
     )
 
 
+def assert_same(model, before):
+    after = snapshot(model)
+    assert before[1] == after[1] and before[2] == after[2] and before[0].keys() == after[0].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+
+
 @pytest.mark.parametrize(
     "config,match",
     [
@@ -160,7 +166,7 @@ def test_config_validation(kwargs, match):
 
 @pytest.mark.parametrize("model_fn", [tiny_bert, tiny_gpt2])
 @pytest.mark.parametrize("mode", ["row", "column", "entries", "both"])
-def test_merge_equals_unmerged_and_save_pretrained_round_trips(tmp_path, model_fn, mode):
+def test_merge_keeps_the_wrappers_and_unload_gives_plain_layers_that_save_pretrained_round_trips(tmp_path, model_fn, mode):
     model = model_fn()
     cfg = RoCoFTConfig(mode=mode, rank=2, selection="random" if mode == "entries" else "first", p=0.2)
     apply_rocoft(model, cfg)
@@ -171,12 +177,33 @@ def test_merge_equals_unmerged_and_save_pretrained_round_trips(tmp_path, model_f
     b = batch()
     b = {k: v for k, v in b.items() if k != "labels"}
     before = model(**b).logits
-    merge_rocoft(model)
+    layers = rocoft_layers(model)
+    assert merge_rocoft(model) is model
+    assert rocoft_layers(model) == layers and all(l.merged for l in layers.values())  # the same wrappers, merged
+    merged = model(**b).logits
+    torch.testing.assert_close(merged, before, rtol=1e-5, atol=1e-5)
+    assert unload_rocoft(model) is model
     assert not rocoft_layers(model)
-    torch.testing.assert_close(model(**b).logits, before, rtol=1e-5, atol=1e-5)
+    assert all(model.get_submodule(n) is l.base for n, l in layers.items())
+    assert torch.equal(model(**b).logits, merged)  # the merged wrapper's forward is the plain layer's
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(**b).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_unload_of_an_unmerged_model_gives_the_base_model_and_apply_works_again():
+    model, ref = tiny_bert(), tiny_bert()
+    apply_rocoft(model, RoCoFTConfig(rank=2, train_bias=True))
+    with torch.no_grad():
+        for layer in rocoft_layers(model).values():
+            layer.delta.normal_(std=0.1)
+    unload_rocoft(model)
+    b = {k: v for k, v in batch().items() if k != "labels"}
+    assert not rocoft_layers(model)
+    assert torch.equal(model(**b).logits, ref(**b).logits)  # W0: the deltas dropped (the biases were not trained)
+    assert not any("_rocoft_head" in vars(m) for m in model.modules())
+    apply_rocoft(model, RoCoFTConfig(rank=1, modules_to_save=[]))
+    assert rocoft_layers(model) and not any(p.requires_grad for p in model.classifier.parameters())
 
 
 @pytest.mark.parametrize("model_fn", [tiny_bert, tiny_gpt2])
@@ -193,34 +220,34 @@ def test_unmerge_puts_the_trainable_layers_back_and_w0_exactly(model_fn, mode):
     b = {k: v for k, v in batch().items() if k != "labels"}
     before = model(**b).logits
     merge_rocoft(model)
+    assert not any(torch.equal(l.base.weight, w0[n]) for n, l in rocoft_layers(model).items())
     assert unmerge_rocoft(model) is model
     layers = rocoft_layers(model)
     assert set(layers) == set(w0)
     for name, layer in layers.items():
-        assert torch.equal(layer.base.weight, w0[name])
+        assert torch.equal(layer.base.weight, w0[name]) and not layer.merged
         assert all(d is deltas[name][k] for k, d in layer.deltas.items())
     after = model(**b).logits
     torch.testing.assert_close(after, before)
     after.square().mean().backward()  # trains again: gradients reach the deltas
     assert all(d.grad is not None and d.grad.abs().sum() > 0 for l in layers.values() for d in l.deltas.values())
     merge_rocoft(model)  # and merges again
-    assert not rocoft_layers(model)
+    assert all(l.merged for l in rocoft_layers(model).values())
 
 
-def test_unmerge_errors_leave_the_model_unchanged():
+def test_unmerge_of_an_unmerged_model_is_refused_and_changes_nothing():
     model = tiny_bert()
-    with pytest.raises(ValueError, match="no layers merged"):
+    with pytest.raises(ValueError, match="no RoCoFT layers merged"):
         unmerge_rocoft(model)
     apply_rocoft(model, RoCoFTConfig(rank=1))
-    merge_rocoft(model)
-    names = list(model.__dict__["_rocoft_merged_layers"][-1])
-    replaced = names[-1]
-    model.set_submodule(replaced, torch.nn.Linear(2, 2))
-    weights = {n: model.get_submodule(n).weight.clone() for n in names[:-1]}
-    with pytest.raises(ValueError, match=re.escape(replaced)):
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="no RoCoFT layers merged"):
         unmerge_rocoft(model)
-    assert not rocoft_layers(model)
-    assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in weights.items())
+    assert_same(model, before)
+    merge_rocoft(model)
+    merge_rocoft(model)  # a no-op: merged once
+    unmerge_rocoft(model)
+    assert_same(model, before)
 
 
 def test_entries_mode_counts_about_p_of_each_matrix():
@@ -248,48 +275,42 @@ def weights(model):
 
 
 @pytest.mark.parametrize("mode", ["row", "column", "entries", "both"])
-def test_two_merges_with_an_apply_between_are_undone_one_by_one_exactly(mode):
-    """apply -> merge -> apply -> merge -> unmerge -> unmerge: both records are kept (a stack)."""
+def test_a_second_adapter_over_merged_weights_goes_through_unload(mode):
+    """apply on an adapted model (merged or not) is refused; stacking two adapters is merge -> unload -> apply ->
+    merge -> unload, which gives W0 + D1 + D2 (and has no way back: the records are the layers')."""
     model = tiny_bert()
-    w0 = weights(model)
     extra = dict(selection="random", p=0.2) if mode == "entries" else {}
     d1 = perturbed(model, RoCoFTConfig(mode=mode, rank=2, seed=1, **extra))
     b = {k: v for k, v in batch().items() if k != "labels"}
-    out1 = model(**b).logits
     merge_rocoft(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"already has RoCoFT layers.*add_adapter.*unload_rocoft"):
+        apply_rocoft(model, RoCoFTConfig(mode=mode, rank=3, seed=2, **extra))
+    assert_same(model, before)
+    unload_rocoft(model)
     w1 = weights(model)  # W0 + D1
     d2 = perturbed(model, RoCoFTConfig(mode=mode, rank=3, seed=2, targets=["query", "value"], **extra))
+    assert d2.keys() != d1.keys()
     out2 = model(**b).logits
     merge_rocoft(model)
-
-    unmerge_rocoft(model)  # the second adapter's layers are back, over W0 + D1 exactly
-    assert all(torch.equal(weights(model)[n], w) for n, w in w1.items())
-    assert {n: l.delta for n, l in rocoft_layers(model).items()}.keys() == d2.keys()
-    assert all(torch.equal(l.delta, d2[n]) for n, l in rocoft_layers(model).items())
-    torch.testing.assert_close(model(**b).logits, out2)
-
-    with pytest.raises(ValueError, match=r"applied after that merge.*discard_later=True"):
-        unmerge_rocoft(model)  # would replace the second adapter's layers
-    unmerge_rocoft(model, discard_later=True)  # W0 and the first adapter's layers
-    assert all(torch.equal(weights(model)[n], w) for n, w in w0.items())
-    assert all(torch.equal(l.delta, d1[n]) for n, l in rocoft_layers(model).items())
-    assert rocoft_layers(model).keys() == d1.keys()
-    torch.testing.assert_close(model(**b).logits, out1)
-    assert "_rocoft_merged_layers" not in model.__dict__
-    with pytest.raises(ValueError, match="no layers merged"):
-        unmerge_rocoft(model)
+    torch.testing.assert_close(model(**b).logits, out2, rtol=1e-5, atol=1e-5)
+    unmerge_rocoft(model)
+    assert all(torch.equal(weights(model)[n], w) for n, w in w1.items())  # back to W0 + D1 exactly
 
 
-def test_merging_again_on_the_holder_of_an_inner_merge_is_refused():
+def test_merge_state_lives_in_the_layers_so_a_holder_and_its_model_agree():
+    """As with a LightningModule: merge on the inner model, unmerge on the holder (or the other way round);
+    nothing is recorded on the user's modules."""
     holder = torch.nn.Module()
     holder.model = tiny_bert()
     apply_rocoft(holder.model, RoCoFTConfig(rank=1))
+    perturbed_w0 = {n: l.base.weight.clone() for n, l in rocoft_layers(holder).items()}
     merge_rocoft(holder.model)
-    apply_rocoft(holder, RoCoFTConfig(rank=1, targets=["query"]))
-    with pytest.raises(ValueError, match=r"submodule 'model' holds earlier merges.*merge_rocoft on that submodule"):
-        merge_rocoft(holder)
-    merge_rocoft(holder.model)  # one stack: fine
-    assert len(holder.model.__dict__["_rocoft_merged_layers"]) == 2
+    assert unmerge_rocoft(holder) is holder
+    assert all(torch.equal(l.base.weight, perturbed_w0[n]) for n, l in rocoft_layers(holder).items())
+    merge_rocoft(holder)
+    unmerge_rocoft(holder.model)
+    assert not any(k.startswith("_rocoft") and k != "_rocoft_head" for m in holder.modules() for k in vars(m))
 
 
 # -- mode 'both' -------------------------------------------------------------------------------------------

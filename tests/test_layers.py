@@ -154,7 +154,7 @@ def test_fused_delta_under_torch_func_per_example_gradients(kind, mode, idx):
     xs, ts = torch.randn(4, IN), torch.randn(4, OUT)
 
     def loss(delta, x, t):
-        return F.mse_loss(functional_call(layer, {"delta": delta}, (x[None],)), t[None])
+        return F.mse_loss(functional_call(layer, {"adapters.default.delta": delta}, (x[None],)), t[None])
 
     per_example = vmap(grad(loss), in_dims=(None, 0, 0))(layer.delta.detach(), xs, ts)
     for i in range(4):
@@ -453,7 +453,8 @@ def test_both_meta_device_init_then_materialise_restores_indices_and_loaded_delt
 def test_both_index_buffers_are_persistent_and_restored_by_state_dict():
     a = layer_with_random_delta("linear", "both", ([1, 2], [0, 4]))
     b = make_layer(make_base("linear"), "both", ([3, 5], [1, 2]))
-    assert set(a.state_dict()) == {"delta", "delta_columns", "indices", "column_indices", "base.weight", "base.bias"}
+    named = {f"adapters.default.{k}" for k in ("delta", "delta_columns", "indices", "column_indices")}
+    assert set(a.state_dict()) == named | {"base.weight", "base.bias"}
     b.load_state_dict(a.state_dict())
     assert b.indices.tolist() == [1, 2] and b.column_indices.tolist() == [0, 4]
     assert {k: v.tolist() for k, v in b.cpu_indices().items()} == {"indices": [1, 2], "column_indices": [0, 4]}
@@ -461,10 +462,23 @@ def test_both_index_buffers_are_persistent_and_restored_by_state_dict():
     torch.testing.assert_close(b(x), a(x))
 
 
+def test_a_state_dict_from_before_named_adapters_loads_into_the_active_adapter():
+    """Checkpoints written before adapters had names hold <layer>.delta, <layer>.indices, ... (strict loading)."""
+    a = layer_with_random_delta("linear", "both", ([1, 2], [0, 4]))
+    old = {"0." + k.replace("adapters.default.", ""): v for k, v in a.state_dict().items()}
+    assert "0.delta_columns" in old
+    b = nn.Sequential(make_layer(make_base("linear"), "both", ([3, 5], [1, 2])))
+    b.load_state_dict(old)
+    assert b[0].indices.tolist() == [1, 2] and b[0].column_indices.tolist() == [0, 4]
+    assert b[0].cpu_indices()["column_indices"].tolist() == [0, 4]
+    x = torch.randn(3, IN)
+    torch.testing.assert_close(b(x), a(x))
+
+
 def test_other_modes_have_no_column_tensors():
     layer = layer_with_random_delta("linear", "row", [1, 2])
     assert layer.delta_columns is None and layer.column_indices is None
-    assert set(layer.state_dict()) == {"delta", "indices", "base.weight", "base.bias"}
+    assert set(layer.state_dict()) == {"adapters.default.delta", "adapters.default.indices", "base.weight", "base.bias"}
     assert list(layer.deltas) == ["delta"] and list(layer.index_sets) == ["indices"]
     assert layer.num_trainable == layer.num_stored == 2 * IN
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from rocoft_pl import RoCoFT, RoCoFTConfig, apply_rocoft, load_adapter, merge_rocoft, rocoft_layers, save_adapter
-from rocoft_pl.adapter import read_adapter
+from rocoft_pl.adapter import config_of, read_adapter
 from rocoft_pl.layers import RoCoFTLinear
 from rocoft_pl.reselect import (
     attach_probe,
@@ -150,7 +150,7 @@ def test_consolidate_is_exact_against_the_original_w0(model_fn, mode):
 
     assert not is_folded(model)
     rank = max(len(t) for t in touched.values())
-    assert made.rank == rank and model._rocoft_config.rank == rank and made.touched == {n: len(t) for n, t in touched.items()}
+    assert made.rank == rank and config_of(model).rank == rank and made.touched == {n: len(t) for n, t in touched.items()}
     with torch.no_grad():
         torch.testing.assert_close(model(**b).logits, before, atol=1e-6, rtol=0)
     for name, layer in rocoft_layers(model).items():
@@ -281,7 +281,7 @@ def test_fit_reselects_every_k_steps_and_saves_an_exact_adapter(tmp_path, criter
     assert cb.reselect_rounds == 2
     assert spy.rounds == [(2, 2, True, True, True), (4, 4, True, True, True)]
     assert not is_folded(module)
-    rank = module._rocoft_config.rank
+    rank = config_of(module).rank
     assert 2 < rank <= 6 and cb.config.rank == 2
     for name, p in module.model.named_parameters():
         if name.endswith("base.weight"):
@@ -363,6 +363,6 @@ def test_reselection_is_off_by_default(tmp_path):
     module = TinyClassifier()
     cb = RoCoFT(rank=2)
     _trainer(tmp_path, [cb], max_steps=2).fit(module, tiny_loader())
-    assert cb.reselect_every is None and cb.reselect_rounds == 0 and module._rocoft_config.rank == 2
+    assert cb.reselect_every is None and cb.reselect_rounds == 0 and config_of(module).rank == 2
     assert not is_folded(module)
     assert copy.deepcopy(cb.state_dict()) == {"config": cb.config.to_dict(), "reselect_rounds": 0}
