@@ -14,6 +14,7 @@ from .config import RoCoFTConfig
 from .export import export_lora
 from .inject import RoCoFTReport, apply_rocoft, merge_rocoft, rocoft_layers, rocoft_report, unmerge_rocoft
 from .layers import RoCoFTLinear
+from .quantized import merge_rocoft_dequantized
 
 
 def __getattr__(name: str) -> Any:
@@ -39,6 +40,7 @@ __all__ = [
     "export_lora",
     "load_adapter",
     "merge_rocoft",
+    "merge_rocoft_dequantized",
     "rocoft_layers",
     "rocoft_report",
     "save_adapter",

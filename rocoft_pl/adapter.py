@@ -47,6 +47,7 @@ from torch import nn
 from .config import RoCoFTConfig
 from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, merged_record, rocoft_layers, rocoft_report
 from .layers import PARTS, Part, RoCoFTLinear, features, is_supported_base
+from .quantized import base_quantization, logical_shape
 from .reselect import NOT_CONSOLIDATED, is_folded
 
 CONFIG_NAME = "adapter_config.json"
@@ -160,7 +161,7 @@ def base_fingerprint(model: nn.Module, saved_modules: Iterable[str] = ()) -> dic
         owner, _, leaf = name.rpartition(".")
         if owner.endswith(".base") and owner[: -len(".base")] in layers:
             name = f"{owner[: -len('.base')]}.{leaf}"
-        entries.append(f"{name}:{list(p.shape)}")
+        entries.append(f"{name}:{list(logical_shape(p))}")  # 4-bit weights are stored packed: the same on either base
     entries.sort()
     hf_config = getattr(model, "config", None)
     sizes = {k: getattr(hf_config, k, None) for k in SIZE_FIELDS}
@@ -199,6 +200,8 @@ def adapter_metadata(model: nn.Module, config: RoCoFTConfig) -> dict[str, Any]:
             "architecture": architecture(backbone),
             "model_type": getattr(hf_config, "model_type", None),
             "fingerprint": base_fingerprint(backbone, saved_modules),
+            # what W0 was when trained (None: full precision); the adapter loads onto either kind of base
+            "quantization": base_quantization(rocoft_layers(backbone)),
         },
         "targets": {
             name: {"shape": [layer.out_features, layer.in_features], "kind": "Conv1D" if layer.transposed else "Linear"}

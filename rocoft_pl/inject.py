@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import RoCoFTConfig
 from .layers import RoCoFTLinear, is_supported_base
+from .quantized import check_exact_merges, keep_trainable_layout, logical_numel, unsupported_message, unsupported_reason
 from .selection import collect_input_norms, select_index_sets
 
 # Task heads that are trained fully when modules_to_save is None (matched on the last name segment).
@@ -64,10 +65,12 @@ def find_heads(model: nn.Module, config: RoCoFTConfig) -> dict[str, nn.Module]:
 
 
 def find_targets(model: nn.Module, config: RoCoFTConfig, heads: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """The nn.Linear / Conv1D modules RoCoFT adapts, in module order."""
+    """The nn.Linear / Conv1D modules RoCoFT adapts, in module order. A quantized layer of a kind RoCoFT does
+    not support that the targets select (``rocoft_pl.quantized.unsupported_reason``) is a TypeError naming it."""
     heads = list(heads)
+    refused = {n: why for n, m in model.named_modules() if n and not _inside(n, heads) and (why := unsupported_reason(m))}
     candidates = {
-        n: m for n, m in model.named_modules() if is_supported_base(m) and n and not _inside(n, heads)
+        n: m for n, m in model.named_modules() if (is_supported_base(m) or n in refused) and n and not _inside(n, heads)
     }
     if config.targets is None:
         blocks = block_prefixes(model)
@@ -86,6 +89,9 @@ def find_targets(model: nn.Module, config: RoCoFTConfig, heads: Iterable[str] = 
             f"RoCoFT targets match nothing: no nn.Linear/Conv1D of {type(model).__name__} {where}. "
             f"Some Linear layers it has: {sample}"
         )
+    unsupported = {n: refused[n] for n in chosen if n in refused}
+    if unsupported:
+        raise TypeError(unsupported_message(unsupported))
     return chosen
 
 
@@ -199,7 +205,7 @@ def rocoft_report(model: nn.Module) -> RoCoFTReport:
     for p in model.parameters():
         if id(p) in delta_ids:
             continue
-        report.base_params += p.numel()
+        report.base_params += logical_numel(p)  # a packed 4-bit weight counts the parameters it stands for
         if p.requires_grad and id(p) not in bias_ids:
             if id(p) in head_ids:
                 report.head_params += p.numel()
@@ -245,6 +251,7 @@ def apply_rocoft(
                 raise ValueError(
                     f"selection={config.selection!r} scores weights with real inputs: pass calibration batches"
                 )
+            keep_trainable_layout(model, unpack=False)  # calibration runs in eval mode (rocoft_pl.quantized)
             norms = collect_input_norms(model, targets, calibration, forward)
         chosen = {
             n: select_index_sets(m, n, config.mode, config.rank, config.p, config.selection, config.seed, norms.get(n))
@@ -255,8 +262,8 @@ def apply_rocoft(
     for name, module in targets.items():
         try:
             new_layers[name] = RoCoFTLinear(module, config.mode, **chosen[name])
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{name}: {err}") from None
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -270,6 +277,7 @@ def apply_rocoft(
         head._rocoft_head = True
         for p in head.parameters():
             p.requires_grad_(True)
+    keep_trainable_layout(model)  # bitsandbytes' CPU inference layout has no backward (rocoft_pl.quantized)
     model._rocoft_config = config
     return rocoft_report(model)
 
@@ -292,7 +300,9 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
 
     The result has no RoCoFT modules, so ``save_pretrained`` works and inference costs nothing extra.
     ``unmerge_rocoft`` undoes it (W0 restored bit-exactly) while this model object lives; from a saved
-    merged checkpoint, load the adapter onto the base model instead. Merging again after another
+    merged checkpoint, load the adapter onto the base model instead. A quantized W0 (4 / 8 bits) is merged into
+    only where that is exact, else refused before anything changes: ``rocoft_pl.merge_rocoft_dequantized``
+    gives a plain model. Merging again after another
     ``apply_rocoft`` pushes a second record: each ``unmerge_rocoft`` undoes the latest merge.
     """
     layers = rocoft_layers(model)
@@ -305,6 +315,7 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
             f"merge_rocoft: {len(folded)} layers (e.g. {folded[0]!r}) hold re-selected RoCoFT layers: "
             "call rocoft_pl.reselect.consolidate(model) first"
         )
+    check_exact_merges(layers)  # a quantized W0 takes W0 + D only where that is exact; else nothing changes
     record = merged_record(model)
     if record is not None and record[0] is not model:
         # One stack per model keeps the merges in order; two (here and in a submodule) would not.
