@@ -44,7 +44,7 @@ from .adapter import (
 )
 from .config import Mode, RoCoFTConfig, Selection
 from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, rocoft_layers
-from .quantized import is_quantized, keep_trainable_layout
+from .quantized import check_packed_storage, is_quantized, keep_trainable_layout
 from .reselect import (
     CRITERIA,
     QUANTIZED_W0,
@@ -252,6 +252,7 @@ class RoCoFT(*CALLBACK_BASES):  # type: ignore[misc]
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After the strategy set the model up (a precision plugin may have made W0 quantized only now)."""
         keep_trainable_layout(pl_module)  # bitsandbytes' CPU inference layout has no backward (rocoft_pl.quantized)
+        check_packed_storage(pl_module)
         if self.reselect_every is not None and any(is_quantized(layer.base) for layer in rocoft_layers(pl_module).values()):
             raise ValueError(f"RoCoFT reselect_every: {QUANTIZED_W0}")
 

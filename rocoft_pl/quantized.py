@@ -244,6 +244,19 @@ def keep_trainable_layout(model: nn.Module, unpack: bool = True) -> None:
             _keep_layout(module, unpack)
 
 
+def check_packed_storage(model: nn.Module) -> None:
+    """Raise if something cast the packed 4-bit weights to another dtype (a ``16-true`` precision over weights
+    stored as bfloat16: a numeric cast of packed bits), rather than train on garbage."""
+    for name, module in model.named_modules():
+        storage = getattr(module, "quant_storage", None)
+        if _bnb_layer(module) == "Linear4bit" and storage is not None and module.weight.dtype != storage:
+            raise ValueError(
+                f"{name}: its packed 4-bit weights, stored as {storage}, were cast to {module.weight.dtype} (by the "
+                "trainer's precision?), which scrambles them. Store them in the dtype the precision converts to "
+                "(bnb_4bit_quant_storage / quantization_options.quant_storage), or as uint8, which no precision casts"
+            )
+
+
 def _keep_layout(module: nn.Module, unpack: bool = True) -> None:
     if getattr(module, "support_avx512bf16_for_cpu", False):
         module.support_avx512bf16_for_cpu = False
