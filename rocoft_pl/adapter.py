@@ -47,7 +47,7 @@ from torch import nn
 from .config import RoCoFTConfig
 from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, merged_record, rocoft_layers, rocoft_report
 from .layers import PARTS, Part, RoCoFTLinear, features, is_supported_base
-from .quantized import base_quantization, logical_shape
+from .quantized import base_quantization, logical_shapes
 from .reselect import NOT_CONSOLIDATED, is_folded
 
 CONFIG_NAME = "adapter_config.json"
@@ -154,6 +154,7 @@ def base_fingerprint(model: nn.Module, saved_modules: Iterable[str] = ()) -> dic
     saved_modules = list(saved_modules)
     layers = rocoft_layers(model)
     deltas = {id(d) for layer in layers.values() for d in layer.deltas.values()}
+    shapes = logical_shapes(model)  # 4-bit weights are stored packed: the same fingerprint on either base
     entries = []
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in deltas or _inside(name, saved_modules):
@@ -161,7 +162,7 @@ def base_fingerprint(model: nn.Module, saved_modules: Iterable[str] = ()) -> dic
         owner, _, leaf = name.rpartition(".")
         if owner.endswith(".base") and owner[: -len(".base")] in layers:
             name = f"{owner[: -len('.base')]}.{leaf}"
-        entries.append(f"{name}:{list(logical_shape(p))}")  # 4-bit weights are stored packed: the same on either base
+        entries.append(f"{name}:{list(shapes.get(id(p), p.shape))}")
     entries.sort()
     hf_config = getattr(model, "config", None)
     sizes = {k: getattr(hf_config, k, None) for k in SIZE_FIELDS}

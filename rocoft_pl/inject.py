@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import RoCoFTConfig
 from .layers import RoCoFTLinear, is_supported_base
-from .quantized import check_exact_merges, keep_trainable_layout, logical_numel, unsupported_message, unsupported_reason
+from .quantized import check_exact_merges, keep_trainable_layout, logical_numels, unsupported_message, unsupported_reason
 from .selection import collect_input_norms, select_index_sets
 
 # Task heads that are trained fully when modules_to_save is None (matched on the last name segment).
@@ -202,10 +202,11 @@ def rocoft_report(model: nn.Module) -> RoCoFTReport:
             bias_ids.add(id(layer.base.bias))
     delta_ids = {id(d) for layer in layers.values() for d in layer.deltas.values()}
     head_ids = {id(p) for n, m in model.named_modules() if getattr(m, "_rocoft_head", False) for p in m.parameters()}
+    packed = logical_numels(model)  # a packed 4-bit weight counts the parameters it stands for
     for p in model.parameters():
         if id(p) in delta_ids:
             continue
-        report.base_params += logical_numel(p)  # a packed 4-bit weight counts the parameters it stands for
+        report.base_params += packed.get(id(p), p.numel())
         if p.requires_grad and id(p) not in bias_ids:
             if id(p) in head_ids:
                 report.head_params += p.numel()

@@ -173,20 +173,19 @@ def base_quantization(layers: Mapping[str, nn.Module]) -> Optional[dict[str, Any
 # -- shapes and dense weights -------------------------------------------------------------------------------
 
 
-def logical_shape(param: torch.Tensor) -> torch.Size:
-    """The (out x in) shape a weight stands for: a bitsandbytes 4-bit weight is stored packed, (out * in / 2, 1)."""
-    state = getattr(param, "quant_state", None)
-    if state is not None and getattr(param, "bnb_quantized", True) and getattr(state, "shape", None) is not None:
-        return torch.Size(state.shape)
-    return param.shape
+def logical_shapes(model: nn.Module) -> dict[int, torch.Size]:
+    """The (out x in) shape each packed weight of ``model`` stands for, by ``id`` of the parameter: a bitsandbytes
+    4-bit weight is stored as (out * in / 2, 1) (or a shard of that under FSDP2, where the parameter no longer
+    carries its quant state; the layer still knows its features)."""
+    return {
+        id(m.weight): torch.Size((m.out_features, m.in_features))
+        for m in model.modules() if _bnb_layer(m) == "Linear4bit" and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
 
 
-def logical_numel(param: torch.Tensor) -> int:
-    """Parameters a (possibly packed) tensor stands for: what the reports and fingerprints count."""
-    n = 1
-    for s in logical_shape(param):
-        n *= int(s)
-    return n
+def logical_numels(model: nn.Module) -> dict[int, int]:
+    """Parameters each packed weight of ``model`` stands for (``logical_shapes``): what reports count."""
+    return {k: int(s.numel()) for k, s in logical_shapes(model).items()}
 
 
 @torch.no_grad()
@@ -539,6 +538,10 @@ def quantize_in_memory(
     check_kind(kind)
     for name, linear in _block_linears(model, skip_modules).items():
         model.set_submodule(name, quantize_linear(linear, kind, compute_dtype, quant_storage, group_size))
+    if kind in BNB_KINDS and hasattr(model, "config"):
+        # transformers' marks of a model it loaded this way: PEFT wraps bitsandbytes layers in its own LoRA
+        # layers for them only when it sees them (merge_rocoft_dequantized removes them again)
+        setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
     return model
 
 
@@ -580,8 +583,8 @@ __all__ = [
     "hf_quantization_config",
     "is_quantized",
     "keep_trainable_layout",
-    "logical_numel",
-    "logical_shape",
+    "logical_numels",
+    "logical_shapes",
     "merge_rocoft_dequantized",
     "quantization_kind",
     "quantize_in_memory",

@@ -609,5 +609,33 @@ def test_fsdp2_shards_a_4bit_base_and_trains_what_one_process_trains(tmp_path):
     got, ref = (load_file(tmp_path / r / "adapter" / "adapter_model.safetensors") for r in ("run2", "run1"))
     assert all(ref[k].abs().sum() > 0 for k in ref if k.endswith(".delta"))
     assert_adapters_close(got, ref, tol=2e-2)
-    note = json.loads((tmp_path / "run2" / "adapter" / "adapter_config.json").read_text())["base_model"]["quantization"]
+    metas = [json.loads((tmp_path / r / "adapter" / "adapter_config.json").read_text())["base_model"] for r in ("run2", "run1")]
+    note = metas[0]["quantization"]
     assert note["kinds"][0]["storage"] == "bfloat16" and note["kinds"][0]["double_quant"] is True
+    # the sharded packed weights count as the (out x in) they stand for: the adapter loads onto the plain base
+    assert metas[0]["fingerprint"] == metas[1]["fingerprint"]
+    load_adapter(load(tmp_path / "base"), tmp_path / "run2" / "adapter")
+
+
+# -- rocoft-bench efficiency --quantize: every method over the same quantized W0 (no timings checked) -------------
+
+
+def test_efficiency_benchmark_over_a_quantized_base(tmp_path):
+    from benchmark.cli import main
+    from benchmark.efficiency import QUANTIZED_METHODS, build_base
+
+    argv = ["efficiency", "--model", "bert-tiny-config", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
+            "--warmup", "0", "--device", "cpu", "--quantize", "nf4", "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "out" / "efficiency.json").read_text())
+    rows = {row["method"]: row for row in data["methods"]}
+    assert list(rows) == list(QUANTIZED_METHODS) and data["setup"]["quantize"] == "nf4"
+    assert data["setup"]["base_params"] == sum(p.numel() for p in build_base("bert-tiny-config").parameters())
+    model = build_base("bert-tiny-config")
+    assert rows["rocoft-row-r3"]["rocoft_params"] == apply_rocoft(model, RoCoFTConfig(mode="row", rank=3)).rocoft_params
+    for name in ("rocoft-row-r3", "rocoft-column-r1", "lora-r8"):  # trained, saved, merged (RoCoFT: into a plain model)
+        assert rows[name]["adapter_bytes"] > 0 and rows[name]["merged_infer_vs_base"] > 0
+    assert rows["rocoft-column-r3"]["saved_activation_bytes"] < rows["rocoft-row-r3"]["saved_activation_bytes"]
+    with pytest.raises(SystemExit, match="train a dense W0"):
+        main([*argv[:-2], "--methods", "floor,full", "--output-dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
