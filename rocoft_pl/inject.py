@@ -301,10 +301,11 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
 
     The result has no RoCoFT modules, so ``save_pretrained`` works and inference costs nothing extra.
     ``unmerge_rocoft`` undoes it (W0 restored bit-exactly) while this model object lives; from a saved
-    merged checkpoint, load the adapter onto the base model instead. A quantized W0 (4 / 8 bits) is merged into
-    only where that is exact, else refused before anything changes: ``rocoft_pl.merge_rocoft_dequantized``
-    gives a plain model. Merging again after another
+    merged checkpoint, load the adapter onto the base model instead. Merging again after another
     ``apply_rocoft`` pushes a second record: each ``unmerge_rocoft`` undoes the latest merge.
+
+    A quantized W0 (4 / 8 bits) takes the deltas only where that is exact, else nothing is merged and a
+    ValueError says so: ``rocoft_pl.merge_rocoft_dequantized`` gives a plain model instead.
     """
     layers = rocoft_layers(model)
     if not layers:

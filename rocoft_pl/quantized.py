@@ -115,12 +115,13 @@ def check_supported(module: nn.Module) -> None:
 
 def unsupported_message(found: Mapping[str, str]) -> str:
     """One message for every unsupported quantized target: what they are and what to do instead."""
-    names = list(found)
-    where = f" ({len(names)} targets, e.g. {names[0]!r})" if names and names[0] else ""
+    shown = [f"{name!r} ({why})" if name else why for name, why in list(found.items())[:3]]
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    what = f"{len(found)} targets: {'; '.join(shown)}{more}" if len(found) > 1 else shown[0]
     return (
-        f"RoCoFT cannot adapt {next(iter(found.values()))}{where}: a quantized layer type it does not support. "
-        f"Supported quantized bases: {SUPPORTED}. Load the model with transformers' BitsAndBytesConfig or "
-        "torchao (or unquantized), or leave these layers out of the targets"
+        f"RoCoFT cannot adapt {what}: a kind of quantized layer it does not support. Supported quantized bases: "
+        f"{SUPPORTED}. Load the model with transformers' BitsAndBytesConfig or torchao (or unquantized), or leave "
+        "these layers out of the targets"
     )
 
 
@@ -315,7 +316,7 @@ def exact_merge(layer: "RoCoFTLinear") -> Optional[Union[str, tuple[torch.Tensor
     state = _quant_state(base)
     data, new_state = bnb_f.quantize_4bit(
         target.to(w0.dtype), blocksize=state.blocksize, compress_statistics=bool(state.nested),
-        quant_type=state.quant_type, quant_storage=base.weight.quant_storage,
+        quant_type=state.quant_type, quant_storage=getattr(base, "quant_storage", torch.uint8),
     )
     if not torch.equal(bnb_f.dequantize_4bit(data, new_state).float(), target):
         return None

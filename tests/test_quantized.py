@@ -377,7 +377,7 @@ def test_unsupported_quantized_layers_are_refused_by_name_and_nothing_changes():
     attn.v_proj = int_weights
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(TypeError, match=r"QuantLinear .*2 targets.*not support.*bitsandbytes Linear4bit"):
+    with pytest.raises(TypeError, match=r"2 targets: 'model.layers.1.self_attn.q_proj' \(a QuantLinear .*'model.layers.1.self_attn.v_proj' \(an nn.Linear with a torch.int8 weight.*does not support.*bitsandbytes Linear4bit"):
         apply_rocoft(model, RoCoFTConfig(mode="row", rank=2))
     with pytest.raises(TypeError, match="torch.int8 weight"):
         apply_rocoft(model, RoCoFTConfig(mode="row", rank=2, targets=["v_proj"]))
