@@ -20,6 +20,15 @@ and buffers excluded: deterministic; under --dtype bf16-mixed this includes the 
 keeps for backward), CUDA peak memory of one step, adapter file size, and the latency of an eval forward
 (no grad) of the adapted model relative to the untouched base model: unmerged (as it trains, what
 validation during fit runs) and merged.
+
+``--quantize nf4|nf4-dq|fp4|fp4-dq|int8|torchao-int8|torchao-int4``: the base's block Linears are quantized first
+(rocoft_pl.quantized.quantize_in_memory, compute in the weight dtype), so every method trains over the same
+quantized W0: the floor, RoCoFT (merged: rocoft_pl.merge_rocoft_dequantized, a plain model) and PEFT's LoRA over
+bitsandbytes layers (QLoRA); full fine-tuning and Algorithm 1 need a dense W0 and are refused. The base keeps
+bitsandbytes' trainable 4-bit layout on the CPU too, as RoCoFT does, so inference ratios compare one kernel.
+Saved activations are read through autograd's saved-tensor hooks: the 4-bit kernel saves no activation, but the
+int8 one keeps its input on its autograd context, outside those hooks, so under ``int8`` they are undercounted
+(on CUDA, read cuda_peak_bytes).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from rocoft_pl import RoCoFTConfig, apply_rocoft, merge_rocoft, save_adapter, unload_rocoft
+from rocoft_pl import RoCoFTConfig, apply_rocoft, merge_rocoft, merge_rocoft_dequantized, save_adapter, unload_rocoft
 from rocoft_pl.inject import find_heads, find_targets
 from rocoft_pl.layers import features, is_conv1d
 
@@ -52,6 +61,8 @@ DEFAULT_METHODS = (
     "full", "floor", "rocoft-row-r1", "rocoft-row-r3", "rocoft-column-r1", "rocoft-column-r3",
     "lora-r1", "lora-r8", "alg1-row-r3",
 )
+# Over a quantized W0 (--quantize): full fine-tuning and Algorithm 1 need a dense, trainable W0.
+QUANTIZED_METHODS = tuple(m for m in DEFAULT_METHODS if m not in ("full", "alg1-row-r3"))
 # Built-in configs, random weights: nothing is downloaded. Anything else is a model id or path.
 BUILTIN_MODELS = {
     "roberta-base-config": ("RobertaConfig", {}),
@@ -126,6 +137,11 @@ def _train_heads(model: nn.Module) -> None:
 
 def build_method(name: str, base: nn.Module) -> Method:
     """A fresh copy of ``base`` adapted for ``name`` (see the module docstring for the names)."""
+    from rocoft_pl.quantized import is_quantized
+
+    quantized = any(is_quantized(m) for m in base.modules())
+    if quantized and (name == "full" or name.startswith("alg1")):
+        raise ValueError(f"method {name!r} trains a dense W0; over a quantized base use {', '.join(QUANTIZED_METHODS)}")
     model = copy.deepcopy(base).train()
     if name == "full":
         model.requires_grad_(True)
@@ -137,7 +153,8 @@ def build_method(name: str, base: nn.Module) -> Method:
         return Method(name, model)
     if m := re.fullmatch(r"rocoft-(row|column|both)-r(\d+)", name):
         report = apply_rocoft(model, RoCoFTConfig(mode=m[1], rank=int(m[2])))
-        return Method(name, model, report.rocoft_params, lambda d: save_adapter(model, d), lambda: unload_rocoft(merge_rocoft(model)))
+        merge = (lambda: merge_rocoft_dequantized(model)) if quantized else (lambda: unload_rocoft(merge_rocoft(model)))
+        return Method(name, model, report.rocoft_params, lambda d: save_adapter(model, d), merge)
     if m := re.fullmatch(r"lora-r(\d+)", name):
         import peft
 
@@ -324,13 +341,22 @@ def run(
     output_dir: Optional[os.PathLike] = None,
     progress: bool = True,
     meta: Optional[dict[str, Any]] = None,
+    quantize: Optional[str] = None,
 ) -> tuple["Any", dict[str, Any]]:
     """Benchmark ``methods`` on copies of ``base``; returns (pandas table, JSON-ready result) and writes
-    efficiency.csv / efficiency.json into ``output_dir`` if given."""
+    efficiency.csv / efficiency.json into ``output_dir`` if given. ``quantize``: quantize the base's block Linears
+    first (see the module docstring)."""
     import pandas as pd
+
+    from rocoft_pl.quantized import check_kind, keep_trainable_layout, logical_numels, quantize_in_memory
 
     if "floor" not in methods:
         raise ValueError("the ratios are to the floor: include 'floor' in methods")
+    if quantize is not None:
+        check_kind(quantize)
+        dense = [m for m in methods if m == "full" or m.startswith("alg1")]
+        if dense:
+            raise ValueError(f"--quantize: {dense} train a dense W0; over a quantized base use {', '.join(QUANTIZED_METHODS)}")
     max_len = getattr(getattr(base, "config", None), "max_position_embeddings", None)
     if max_len is not None and seq_len > max_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings ({max_len})")
@@ -340,6 +366,9 @@ def run(
     torch.manual_seed(0)
     weight_dtype, autocast = DTYPES[dtype]
     base = base.to(dev, weight_dtype).eval()
+    if quantize is not None:
+        quantize_in_memory(base, quantize, compute_dtype=weight_dtype)  # on ``dev``: bitsandbytes quantizes there
+        keep_trainable_layout(base)
     base.requires_grad_(False)
     batch = make_batch(base, batch_size, seq_len, dev)
 
@@ -398,7 +427,8 @@ def run(
             **(meta or {}),
             "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "warmup": warmup,
             "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-            "dtype": dtype, "threads": threads, "torch": torch.__version__, "base_params": sum(p.numel() for p in base.parameters()),
+            "dtype": dtype, "quantize": quantize, "threads": threads, "torch": torch.__version__,
+            "base_params": sum(logical_numels(base).get(id(p), p.numel()) for p in base.parameters()),
             "base_infer_ms": 1000 * infer_medians["merged"]["base"],
         },
         "methods": json.loads(table.to_json(orient="records")),
@@ -505,10 +535,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed steps per method, interleaved (inference, unmerged and merged: twice as many forwards)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method after the probe step")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma list; 'floor' is required")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma list; 'floor' is required (default: {','.join(DEFAULT_METHODS)}; with --quantize: "
+                             f"{','.join(QUANTIZED_METHODS)})")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--quantize", default=None, choices=("nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "torchao-int8", "torchao-int4"),
+                        help="quantize the base's block Linears first: every method trains over the same quantized W0")
     parser.add_argument("--output-dir", default="runs/efficiency", help="writes efficiency.csv and efficiency.json")
     parser.set_defaults(func=main)
     return parser
@@ -518,19 +552,21 @@ def main(args: argparse.Namespace) -> int:
     # peft calls a transformers method deprecated in v5; the warning says nothing about this benchmark.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     overrides = json.loads(args.model_config) if args.model_config else {}
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    given = args.methods or ",".join(QUANTIZED_METHODS if args.quantize else DEFAULT_METHODS)
+    methods = [m.strip() for m in given.split(",") if m.strip()]
     base = build_base(args.model, overrides)
     try:
         table, result = run(
             base, methods, batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats, warmup=args.warmup,
             device=args.device, dtype=args.dtype, threads=args.threads, output_dir=args.output_dir,
-            meta={"model": args.model, "model_config": overrides},
+            meta={"model": args.model, "model_config": overrides}, quantize=args.quantize,
         )
     except ValueError as e:  # bad arguments (checked before anything runs or is written)
         raise SystemExit(f"rocoft-bench efficiency: {e}") from None
     setup = result["setup"]
     print(f"\n{args.model}  ({setup['base_params']:,} params), batch {setup['batch_size']} x {setup['seq_len']}, "
-          f"{setup['device']} {setup['dtype']}, {setup['threads']} threads, median of {setup['repeats']} steps\n")
+          f"{setup['device']} {setup['dtype']}{', W0 ' + setup['quantize'] if setup['quantize'] else ''}, "
+          f"{setup['threads']} threads, median of {setup['repeats']} steps\n")
     print(format_table(table))
     print("\nTargets (stated for RoBERTa-base, CPU, batch 8 x 128):")
     print(format_targets(result["targets"]))

@@ -24,6 +24,7 @@ from .inject import (
 )
 from .layers import RoCoFTLinear
 from .multi_adapter import active_adapter, add_adapter, delete_adapter, disable_adapter, set_adapter
+from .quantized import merge_rocoft_dequantized
 
 
 def __getattr__(name: str) -> Any:
@@ -54,6 +55,7 @@ __all__ = [
     "export_lora",
     "load_adapter",
     "merge_rocoft",
+    "merge_rocoft_dequantized",
     "rocoft_layers",
     "rocoft_report",
     "save_adapter",

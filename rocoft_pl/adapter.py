@@ -59,6 +59,7 @@ from .inject import (
     rocoft_report,
 )
 from .layers import DEFAULT_ADAPTER, PARTS, Part, RoCoFTDelta, RoCoFTLinear, check_adapter_name, features, is_supported_base
+from .quantized import base_quantization, logical_shapes
 from .reselect import NOT_CONSOLIDATED, is_folded
 
 CONFIG_NAME = "adapter_config.json"
@@ -169,6 +170,7 @@ def base_fingerprint(model: nn.Module, saved_modules: Iterable[str] = ()) -> dic
     saved_modules = list(saved_modules)
     layers = rocoft_layers(model)
     deltas = {id(d) for layer in layers.values() for adapter in layer.adapters.values() for d in adapter.deltas.values()}
+    shapes = logical_shapes(model)  # 4-bit weights are stored packed: the same fingerprint on either base
     entries = []
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in deltas or _inside(name, saved_modules):
@@ -176,7 +178,7 @@ def base_fingerprint(model: nn.Module, saved_modules: Iterable[str] = ()) -> dic
         owner, _, leaf = name.rpartition(".")
         if owner.endswith(".base") and owner[: -len(".base")] in layers:
             name = f"{owner[: -len('.base')]}.{leaf}"
-        entries.append(f"{name}:{list(p.shape)}")
+        entries.append(f"{name}:{list(shapes.get(id(p), p.shape))}")
     entries.sort()
     hf_config = getattr(model, "config", None)
     sizes = {k: getattr(hf_config, k, None) for k in SIZE_FIELDS}
@@ -219,6 +221,8 @@ def adapter_metadata(model: nn.Module, config: RoCoFTConfig, adapter_name: Optio
             "architecture": architecture(backbone),
             "model_type": getattr(hf_config, "model_type", None),
             "fingerprint": base_fingerprint(backbone, saved_modules),
+            # what W0 was when trained (None: full precision); the adapter loads onto either kind of base
+            "quantization": base_quantization(rocoft_layers(backbone)),
         },
         "targets": {
             name: {"shape": [layer.out_features, layer.in_features], "kind": "Conv1D" if layer.transposed else "Linear"}

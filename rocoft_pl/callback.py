@@ -44,8 +44,10 @@ from .adapter import (
 )
 from .config import Mode, RoCoFTConfig, Selection
 from .inject import RoCoFTReport, apply_rocoft, find_heads, find_targets, record_config, rocoft_layers
+from .quantized import check_packed_storage, is_quantized, keep_trainable_layout
 from .reselect import (
     CRITERIA,
+    QUANTIZED_W0,
     RESELECT_MODES,
     Criterion,
     ProbeStats,
@@ -189,6 +191,7 @@ class RoCoFT(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _refuse_sharded(pl_module)
+        _check_quantizing_plugin(trainer, pl_module, self.config, self.reselect_every)
         if self.load_adapter_from is not None:
             self.report = load_adapter(pl_module, self.load_adapter_from)
         else:
@@ -245,6 +248,13 @@ class RoCoFT(*CALLBACK_BASES):  # type: ignore[misc]
         if source is not None and source.is_defined():
             return source.dataloader()
         raise ValueError("Wanda selection (max/min/mixed) needs a training dataloader for calibration")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the strategy set the model up (a precision plugin may have made W0 quantized only now)."""
+        keep_trainable_layout(pl_module)  # bitsandbytes' CPU inference layout has no backward (rocoft_pl.quantized)
+        check_packed_storage(pl_module)
+        if self.reselect_every is not None and any(is_quantized(layer.base) for layer in rocoft_layers(pl_module).values()):
+            raise ValueError(f"RoCoFT reselect_every: {QUANTIZED_W0}")
 
     # -- re-selection ----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -492,6 +502,35 @@ def _refuse_sharded_strategy(trainer: pl.Trainer) -> None:
             f"RoCoFT reselect_every is not supported under {type(trainer.strategy).__name__} (sharded weights); "
             "use a single device or DDP"
         )
+
+
+def _check_quantizing_plugin(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, config: RoCoFTConfig, reselect_every: Optional[int]
+) -> None:
+    """Lightning's BitsandbytesPrecision replaces the model's nn.Linear layers by 4 / 8-bit ones in the strategy's
+    setup, after this callback adapted the model (it reaches the Linears inside RoCoFT layers too, which then run
+    the quantized kernel). It would also replace a trained head's Linears by frozen quantized ones and drop the
+    trained biases (new frozen parameters, after which the optimizer is built without them): refuse those here,
+    before anything changes, with the setting that avoids them."""
+    plugin = getattr(trainer.strategy, "precision_plugin", None)
+    if not any(k.__name__ == "BitsandbytesPrecision" for k in type(plugin).__mro__):
+        return
+    ignored = set(getattr(plugin, "ignore_modules", None) or ())
+    heads = sorted(n for n in find_heads(pl_module, config) if not any(n.startswith(s) for s in ignored))
+    if heads:
+        keep = sorted(ignored | set(heads))
+        raise ValueError(
+            f"BitsandbytesPrecision would replace the trained head {heads} by a frozen quantized layer: pass "
+            f"BitsandbytesPrecision(..., ignore_modules={set(keep)}) so it stays trainable"
+        )
+    if config.train_bias:
+        raise ValueError(
+            "RoCoFT train_bias does not work with BitsandbytesPrecision: the plugin swaps in new, frozen biases "
+            "after RoCoFT set them to train. Load the model quantized instead (CausalLMModule(quantization=...), "
+            "transformers' BitsAndBytesConfig), or set train_bias: false"
+        )
+    if reselect_every is not None:
+        raise ValueError(f"RoCoFT reselect_every: {QUANTIZED_W0}")
 
 
 def _refuse_fsdp1(trainer: pl.Trainer) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import RoCoFTConfig
 from .layers import DEFAULT_ADAPTER, RoCoFTDelta, RoCoFTLinear, check_adapter_name, is_supported_base
+from .quantized import check_exact_merges, keep_trainable_layout, logical_numels, unsupported_message, unsupported_reason
 from .selection import collect_input_norms, select_index_sets
 
 # Task heads that are trained fully when modules_to_save is None (matched on the last name segment).
@@ -69,13 +70,20 @@ def find_heads(model: nn.Module, config: RoCoFTConfig) -> dict[str, nn.Module]:
 
 def find_targets(model: nn.Module, config: RoCoFTConfig, heads: Iterable[str] = ()) -> dict[str, nn.Module]:
     """The nn.Linear / Conv1D modules RoCoFT adapts, in module order. A RoCoFT layer stands for its base (the
-    name a config's targets see), so another adapter's targets are found on an adapted model too."""
+    name a config's targets see), so another adapter's targets are found on an adapted model too. A quantized
+    layer of a kind RoCoFT does not support that the targets select (``rocoft_pl.quantized.unsupported_reason``)
+    is a TypeError naming it."""
     heads = list(heads)
     wrapped = list(rocoft_layers(model))
+    refused = {
+        n: why
+        for n, m in model.named_modules()
+        if n and not _inside(n, heads) and not _inside(n, wrapped) and (why := unsupported_reason(m))
+    }
     candidates = {
         n: m
         for n, m in model.named_modules()
-        if n and (isinstance(m, RoCoFTLinear) or (is_supported_base(m) and not _inside(n, wrapped)))
+        if n and (isinstance(m, RoCoFTLinear) or ((is_supported_base(m) or n in refused) and not _inside(n, wrapped)))
         and not _inside(n, heads)
     }
     if config.targets is None:
@@ -95,6 +103,9 @@ def find_targets(model: nn.Module, config: RoCoFTConfig, heads: Iterable[str] = 
             f"RoCoFT targets match nothing: no nn.Linear/Conv1D of {type(model).__name__} {where}. "
             f"Some Linear layers it has: {sample}"
         )
+    unsupported = {n: refused[n] for n in chosen if n in refused}
+    if unsupported:
+        raise TypeError(unsupported_message(unsupported))
     return chosen
 
 
@@ -232,10 +243,11 @@ def rocoft_report(model: nn.Module, adapter_name: Optional[str] = None) -> RoCoF
             bias_ids.add(id(layer.base.bias))
     delta_ids = {id(d) for layer in layers.values() for a in layer.adapters.values() for d in a.deltas.values()}
     head_ids = {id(p) for n, m in model.named_modules() if getattr(m, "_rocoft_head", False) for p in m.parameters()}
+    packed = logical_numels(model)  # a packed 4-bit weight counts the parameters it stands for
     for p in model.parameters():
         if id(p) in delta_ids:
             continue
-        report.base_params += p.numel()
+        report.base_params += packed.get(id(p), p.numel())
         if p.requires_grad and id(p) not in bias_ids:
             if id(p) in head_ids:
                 report.head_params += p.numel()
@@ -291,6 +303,7 @@ def apply_rocoft(
         head._rocoft_head = True
         for p in head.parameters():
             p.requires_grad_(True)
+    keep_trainable_layout(model)  # bitsandbytes' CPU inference layout has no backward (rocoft_pl.quantized)
     return rocoft_report(model)
 
 
@@ -354,6 +367,7 @@ def _choose(
     if config.needs_calibration:
         if calibration is None:
             raise ValueError(f"selection={config.selection!r} scores weights with real inputs: pass calibration batches")
+        keep_trainable_layout(model, unpack=False)  # calibration runs in eval mode (rocoft_pl.quantized)
         norms = collect_input_norms(model, bases, calibration, forward)
     return {
         n: select_index_sets(m, n, config.mode, config.rank, config.p, config.selection, config.seed, norms.get(n))
@@ -367,8 +381,8 @@ def _build(bases: Mapping[str, nn.Module], make: Callable[[str, nn.Module], Any]
     for name, base in bases.items():
         try:
             built[name] = make(name, base)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{name}: {err}") from None
     return built
 
 
@@ -449,6 +463,9 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
     about what the plain model's does, and ``unmerge_rocoft`` restores W0 bit-exactly (from the r rows / columns
     each layer copied). ``unload_rocoft(model)`` then gives plain layers for ``save_pretrained``. Merging a
     merged model changes nothing.
+
+    A quantized W0 (4 / 8 bits) takes the deltas only where that is exact, else nothing is merged and a
+    ValueError says so: ``rocoft_pl.merge_rocoft_dequantized`` gives a plain model instead.
     """
     layers = rocoft_layers(model)
     folded = [n for n, layer in layers.items() if getattr(layer, "reselection", None) is not None]
@@ -460,6 +477,7 @@ def merge_rocoft(model: nn.Module) -> nn.Module:
         )
     if any(layer.disabled for layer in layers.values()):
         raise ValueError("merge_rocoft inside disable_adapter: merge after the with block")
+    check_exact_merges(layers)  # a quantized W0 takes W0 + D only where that is exact; else nothing changes
     for layer in layers.values():
         layer.merge()
     return model

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Mode
+from .quantized import base_forward as quantized_base_forward
+from .quantized import check_supported, is_quantized, merge_quantized, unmerge_quantized
 
 # The adapter a single-adapter model has (apply_rocoft, load_adapter and the callback use it by default).
 DEFAULT_ADAPTER = "default"
@@ -616,6 +618,9 @@ class RoCoFTLinear(nn.Module):
         super().__init__()
         if not is_supported_base(base):
             raise TypeError(f"RoCoFTLinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        check_supported(base)  # a quantized nn.Linear of a kind whose W0 cannot be read (rocoft_pl.quantized)
+        if mode == "entries" and is_quantized(base):
+            raise ValueError("mode 'entries' adds a dense delta to W0 every forward; a quantized W0 has none to add to")
         given = {"indices": indices, **({} if column_indices is None else {"column_indices": column_indices})}
         adapter = RoCoFTDelta(base, mode, given)
         self.base = base
@@ -768,6 +773,8 @@ class RoCoFTLinear(nn.Module):
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W0 x + b. A trained bias in the master dtype next to a low-precision W0 is cast to W0's dtype here; the
         base itself (its hooks, e.g. FSDP's) runs otherwise."""
+        if is_quantized(self.base):  # the quantized kernel; a trained bias is added beside it
+            return quantized_base_forward(self.base, x)
         bias = self.base.bias
         if bias is None or bias.dtype == self.base.weight.dtype:
             return self.base(x)
@@ -784,10 +791,12 @@ class RoCoFTLinear(nn.Module):
 
         It needs a frozen plain-tensor W0 called without hooks, and one dtype for x and W0 (the master deltas and
         a trained bias are cast to it); under autocast that is autocast's dtype (what ``F.linear`` would cast to).
+        A quantized W0 runs its own kernel instead (``_base_forward``).
         """
         weight = self.base.weight
         if (
-            weight.requires_grad
+            is_quantized(self.base)
+            or weight.requires_grad
             or hasattr(weight, "full_tensor")  # a DTensor (sharded outside a forward)
             or self.base._forward_hooks
             or self.base._forward_pre_hooks
@@ -841,8 +850,12 @@ class RoCoFTLinear(nn.Module):
 
         The selected entries of W0 are copied first (r rows and / or columns: small), so ``unmerge`` restores W0
         bit-exactly; subtracting the delta again would not be exact in low precision. A trained bias in the master
-        dtype is rounded to W0's dtype (the base is then usable on its own) and its master copy kept.
+        dtype is rounded to W0's dtype (the base is then usable on its own) and its master copy kept. A quantized W0
+        merges only where that is exact (``rocoft_pl.quantized.merge_quantized``; ``merge_rocoft_dequantized`` gives
+        a plain layer).
         """
+        if self._merged is None and is_quantized(self.base):
+            return merge_quantized(self)
         if self._merged is None:
             weight = self._logical_weight()
             terms = self.adapter.terms()
@@ -861,6 +874,8 @@ class RoCoFTLinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> "RoCoFTLinear":
         """Undo ``merge``: W0's selected entries back from the copy, the deltas train again."""
+        if self._merged is not None and is_quantized(self.base):
+            unmerge_quantized(self)
         if self._merged is not None:
             record, weight = self._merged, self._logical_weight()
             adapter = self.adapters[record.adapter]

@@ -33,6 +33,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .inject import rocoft_layers
 from .layers import RoCoFTLinear, add_along
+from .quantized import is_quantized
 from .selection import _valid_tokens, module_generator, select_from_scores, wanda_scores
 
 Criterion = Literal["gradient", "wanda", "random"]
@@ -40,6 +41,7 @@ CRITERIA = ("gradient", "wanda", "random")
 RESELECT_MODES = ("row", "column")
 
 NOT_CONSOLIDATED = "re-selected RoCoFT layers: call rocoft_pl.reselect.consolidate(model) first"
+QUANTIZED_W0 = "re-selection folds the delta into W0, and a quantized W0 (4 / 8 bits) cannot take it exactly: train without reselect_every"
 
 
 @dataclass
@@ -119,6 +121,8 @@ def fold(layer: RoCoFTLinear, new_indices: torch.Tensor) -> None:
     weight = layer._logical_weight()
     if hasattr(weight, "full_tensor"):
         raise ValueError("fold: W0 is sharded (DTensor, FSDP2 / tensor parallel); re-selection is not supported there")
+    if is_quantized(layer.base):
+        raise ValueError(QUANTIZED_W0)
     new = _checked_new(layer, new_indices)
     current = layer.indices
     _remember_originals(layer, current)

@@ -16,7 +16,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .layers import PARTS, features, is_conv1d
+from .layers import PARTS, features
+from .quantized import dense_weight
 
 
 def module_generator(seed: int, name: str, stream: str = "") -> torch.Generator:
@@ -81,7 +82,7 @@ def select_indices(
         raise ValueError(f"selection {strategy!r} needs calibration inputs for {name}")
     if module.weight.is_meta:
         raise ValueError(f"selection {strategy!r} needs real weights; {name} is on the meta device")
-    weight = module.weight.t() if is_conv1d(module) else module.weight
+    weight = dense_weight(module)  # a quantized W0 is dequantised here, this one layer only
     return select_from_scores(wanda_scores(weight, input_norm, mode), rank, strategy).cpu()
 
 

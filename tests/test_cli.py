@@ -140,8 +140,30 @@ def test_fsdp_overlays_compose_with_a_task_config(overlay, capsys):
     strategy = printed["trainer"]["strategy"]["class_path"]
     assert strategy.endswith("ModelParallelStrategy")
     assert printed["trainer"]["precision"] == "bf16-true"
-    assert printed["model"]["init_args"]["init_on_meta"] is True
+    model = printed["model"]["init_args"]
+    if overlay.stem.endswith("_nf4"):  # loaded quantized in every process, its packed weights bf16 for FSDP2
+        assert model["init_on_meta"] is False and model["quantization"] == "nf4-dq"
+        assert model["quantization_options"] == {"compute_dtype": "bfloat16", "quant_storage": "bfloat16"}
+    else:
+        assert model["init_on_meta"] is True and model["quantization"] is None
     assert printed["trainer"]["callbacks"][-1]["init_args"]["train_bias"] is True  # the task's RoCoFT settings survive
+
+
+QUANTIZED = sorted((ROOT / "configs" / "quantized").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("task", ["commonsense", "math"])
+@pytest.mark.parametrize("overlay", QUANTIZED, ids=lambda p: p.name)
+def test_quantized_overlays_compose_with_the_reasoning_tasks(overlay, task, capsys):
+    """configs/quantized: one GPU, W0 loaded in NF4 (rocoft_pl.quantized), at most 3 rows on the device."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(ROOT / f"configs/reasoning/{task}.yaml"), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]["init_args"]
+    assert (model["quantization"], model["quantization_options"]) == ("nf4-dq", {"compute_dtype": "bfloat16"})
+    assert model["init_on_meta"] is False and printed["trainer"]["devices"] == 1
+    assert printed["data"]["init_args"]["batch_size"] == 3 and printed["global_batch"]["size"] == {"commonsense": 9, "math": 16}[task]
 
 
 # -- bad input: one clear line, the traceback in a file or behind ROCOFT_VERBOSE / --verbose --------------------

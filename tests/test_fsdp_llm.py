@@ -99,9 +99,10 @@ def test_adapter_from_fsdp2_loads_onto_the_base_model(out):
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["llama2_7b", "llama2_13b", "bloomz_7b", "gptj_6b"])
+@pytest.mark.parametrize("name", ["llama2_7b", "llama2_13b", "bloomz_7b", "gptj_6b", "llama2_7b_nf4", "llama2_13b_nf4"])
 def test_fsdp_overlays_build_their_strategies(name):
-    """The overlays instantiate: FSDP2 (ModelParallelStrategy) over every GPU, the model built on the meta device."""
+    """The overlays instantiate: FSDP2 (ModelParallelStrategy) over every GPU, the model built on the meta device
+    (the NF4 ones: loaded quantized in every process, tests/test_quantized.py)."""
     import yaml
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
@@ -111,7 +112,8 @@ def test_fsdp_overlays_build_their_strategies(name):
     spec = yaml.safe_load((CONFIGS / "fsdp" / f"{name}.yaml").read_text())
     strategy = parser.instantiate(parser.parse_object({"strategy": spec["trainer"]["strategy"]})).strategy
     assert isinstance(strategy, ModelParallelStrategy) and spec["trainer"]["precision"] == "bf16-true"
-    assert strategy._data_parallel_size == spec["trainer"]["devices"] and spec["model"]["init_args"]["init_on_meta"] is True
+    assert strategy._data_parallel_size == spec["trainer"]["devices"]
+    assert spec["model"]["init_args"]["init_on_meta"] is (not name.endswith("_nf4"))
     assert strategy._save_distributed_checkpoint is False  # adapter-only checkpoints resume from one full file
 
 

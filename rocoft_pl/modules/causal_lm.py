@@ -121,6 +121,45 @@ def load_causal_lm(name_or_path: str, gguf_file: Optional[str] = None, **kwargs:
     return model
 
 
+QUANTIZATION_OPTIONS = ("compute_dtype", "quant_storage", "skip_modules", "group_size")
+
+
+def check_quantization(quantization: Optional[str], options: Optional[dict[str, Any]], init_on_meta: bool) -> None:
+    """Refuse a bad quantization setting in the constructor, before anything loads."""
+    if quantization is None:
+        if options:
+            raise ValueError("quantization_options given without quantization")
+        return
+    from ..quantized import check_kind
+
+    check_kind(quantization)
+    unknown = sorted(set(options or {}) - set(QUANTIZATION_OPTIONS))
+    if unknown:
+        raise ValueError(f"quantization_options: unknown keys {unknown} (known: {list(QUANTIZATION_OPTIONS)})")
+    if init_on_meta:
+        raise ValueError(
+            "quantization loads the checkpoint quantized in __init__ on every process; init_on_meta (rank 0 "
+            "reads full-precision weights and broadcasts them) does not go with it: set init_on_meta: false"
+        )
+
+
+def load_quantized_causal_lm(
+    name_or_path: str, gguf_file: Optional[str], quantization: str, options: Optional[dict[str, Any]] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """The model with the Linear layers of its blocks quantized (``rocoft_pl.quantized``): a checkpoint through
+    transformers' BitsAndBytesConfig, onto this process's GPU (else the CPU), so the full-precision weights never
+    sit in memory together; a GGUF file or a torchao kind after loading (``quantize_in_memory``)."""
+    from ..quantized import BNB_KINDS, hf_quantization_config, quantize_in_memory, quantized_device_map
+
+    options = dict(options or {})
+    if quantization in BNB_KINDS and gguf_file is None:
+        options.pop("group_size", None)
+        kwargs.setdefault("device_map", quantized_device_map())
+        return load_causal_lm(name_or_path, None, quantization_config=hf_quantization_config(quantization, **options), **kwargs)
+    return quantize_in_memory(load_causal_lm(name_or_path, gguf_file, **kwargs), quantization, **options)
+
+
 def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None) -> Any:
     from transformers import AutoTokenizer
 
@@ -236,6 +275,13 @@ class CausalLMModule(pl.LightningModule):
             fp32); None: the parameters' dtype (use ``trainer.precision: bf16-true`` for bf16 weights).
         reshard_after_forward: FSDP2: free the gathered block after forward (ZeRO-3); False keeps it (ZeRO-2).
         model_kwargs: more ``from_pretrained`` arguments (``dtype``, ``attn_implementation`` ...).
+        quantization: load W0 quantized, frozen (``rocoft_pl.quantized``; the RoCoFT deltas stay float32 beside it):
+            'nf4' / 'fp4' (bitsandbytes 4-bit), 'nf4-dq' / 'fp4-dq' (with double quantisation), 'int8'
+            (bitsandbytes LLM.int8), 'torchao-int8', 'torchao-int4' (torchao weight-only). The Linears of the
+            transformer blocks are quantized; the output head and embeddings stay in ``model_kwargs``' dtype.
+        quantization_options: ``compute_dtype`` (4-bit kernels; default float32), ``quant_storage`` (the packed
+            4-bit weights' dtype: ``bfloat16`` lets FSDP2 shard them beside bf16 tensors), ``skip_modules``
+            (names kept unquantized), ``group_size`` (torchao-int4).
         model: an already built model (tests, notebooks); skips loading.
         tokenizer: a tokenizer object; default: the DataModule's, else loaded from ``model_name_or_path``.
         num_labels: ignored (the ``rocoft`` CLI links ``data.num_labels`` into every model).
@@ -259,12 +305,15 @@ class CausalLMModule(pl.LightningModule):
         fsdp_param_dtype: Optional[str] = None,
         reshard_after_forward: bool = True,
         model_kwargs: Optional[dict[str, Any]] = None,
+        quantization: Optional[str] = None,
+        quantization_options: Optional[dict[str, Any]] = None,
         model: Optional[nn.Module] = None,
         tokenizer: Any = None,
         num_labels: Optional[int] = None,
     ) -> None:
         super().__init__()
         check_scheduler(scheduler)
+        check_quantization(quantization, quantization_options, init_on_meta)
         if model is None and not model_name_or_path:
             raise ValueError("give model_name_or_path (or a model object)")
         self.save_hyperparameters(ignore=["model", "tokenizer"])
@@ -282,6 +331,8 @@ class CausalLMModule(pl.LightningModule):
         kwargs = dict(hp.model_kwargs or {})
         if "dtype" in kwargs:
             kwargs["dtype"] = _dtype(kwargs["dtype"])
+        if hp.quantization is not None:
+            return load_quantized_causal_lm(hp.model_name_or_path, hp.gguf_file, hp.quantization, hp.quantization_options, **kwargs)
         return load_causal_lm(hp.model_name_or_path, hp.gguf_file, **kwargs)
 
     def _prepare(self, model: nn.Module) -> None:
@@ -462,4 +513,4 @@ class CausalLMModule(pl.LightningModule):
         return configure_adamw(self)
 
 
-__all__ = ["CausalLMModule", "answers_match", "block_class_names", "materialize_and_load", "shard_model", "extract_answer", "load_causal_lm", "load_tokenizer"]
+__all__ = ["CausalLMModule", "answers_match", "block_class_names", "materialize_and_load", "shard_model", "extract_answer", "load_causal_lm", "load_quantized_causal_lm", "load_tokenizer"]
