@@ -23,7 +23,15 @@ from .inject import (
     unmerge_rocoft,
 )
 from .layers import RoCoFTLinear
-from .multi_adapter import active_adapter, add_adapter, delete_adapter, disable_adapter, set_adapter
+from .multi_adapter import (
+    active_adapter,
+    add_adapter,
+    delete_adapter,
+    disable_adapter,
+    mixed_adapters,
+    set_adapter,
+    swap_merged_adapter,
+)
 from .quantized import merge_rocoft_dequantized
 
 
@@ -56,10 +64,12 @@ __all__ = [
     "load_adapter",
     "merge_rocoft",
     "merge_rocoft_dequantized",
+    "mixed_adapters",
     "rocoft_layers",
     "rocoft_report",
     "save_adapter",
     "set_adapter",
+    "swap_merged_adapter",
     "unload_rocoft",
     "unmerge_rocoft",
 ]

@@ -594,6 +594,25 @@ class _Merged:
     bias: Optional[torch.Tensor]
 
 
+# In a mixed-adapter batch (``mixed_adapters``): the name of "no adapter", the base model's output for that example.
+BASE_ADAPTER = "__base__"
+
+
+@dataclass(frozen=True)
+class MixedBatch:
+    """One adapter name per example of a batch, grouped once (not every forward): for each adapter used, the
+    positions of its examples along the batch dimension (CPU; examples named ``BASE_ADAPTER`` get no term)."""
+
+    size: int
+    groups: tuple[tuple[str, torch.Tensor], ...]
+
+    @classmethod
+    def of(cls, names: Sequence[str]) -> "MixedBatch":
+        order = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
+        groups = tuple((n, torch.tensor([i for i, m in enumerate(names) if m == n], dtype=torch.long)) for n in order)
+        return cls(len(names), groups)
+
+
 class RoCoFTLinear(nn.Module):
     """Wraps an ``nn.Linear`` or ``Conv1D``; only the deltas train, the indices are persistent buffers.
 
@@ -759,7 +778,12 @@ class RoCoFTLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- forward ------------------------------------------------------------------------------------------
+    # mixed_adapters: each example of the batch computes with its own adapter (None: the usual forward).
+    mixed: Optional[MixedBatch] = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixed is not None:
+            return self._mixed_forward(x, self.mixed)
         if self.disabled or self._merged is not None:
             return self._base_forward(x)
         adapter = self.adapter
@@ -769,6 +793,28 @@ class RoCoFTLinear(nn.Module):
             if dtype is not None:
                 return self._fused(x, dtype, adapter.layout.node, terms)
         return adapter.layout.unfused(self, x, terms)
+
+    def _mixed_forward(self, x: torch.Tensor, batch: MixedBatch) -> torch.Tensor:
+        """The base's output, plus for each adapter in ``batch`` its unfused terms on its own examples: one gather,
+        one product per part and one scatter per adapter, whatever the number of examples. Inference only: the
+        fused nodes (and their backward) stay the single-adapter path's."""
+        if self.disabled or self._merged is not None:
+            raise ValueError("mixed_adapters: this layer is merged or inside disable_adapter; its W0 holds no single base")
+        if torch.is_grad_enabled():
+            raise RuntimeError("mixed_adapters is for inference: run the model under torch.no_grad() or torch.inference_mode()")
+        if x.dim() < 2 or x.shape[0] != batch.size:
+            raise ValueError(
+                f"mixed_adapters: {batch.size} adapter names for a batch of {x.shape[0] if x.dim() else 0} examples "
+                f"(input of shape {tuple(x.shape)}); give one name per example"
+            )
+        y = self._base_forward(x)
+        for name, examples in batch.groups:
+            at = examples.to(x.device)
+            xs, ys = x.index_select(0, at), y.index_select(0, at)
+            for part, indices, value in self.adapters[name].terms():
+                ys = part.term(ys, xs, indices, value.to(x.dtype))
+            y.index_copy_(0, at, ys)
+        return y
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W0 x + b. A trained bias in the master dtype next to a low-precision W0 is cast to W0's dtype here; the
@@ -885,6 +931,21 @@ class RoCoFTLinear(nn.Module):
                 self.base.bias.data = record.bias.to(self.base.bias.device)
             self._merged = None
         return self
+
+    @torch.no_grad()
+    def swap_merged(self, name: str) -> nn.Module:
+        """With one adapter merged, merge adapter ``name`` instead: the merged adapter's W0 entries come back from
+        its record (r rows / columns), then ``name``'s are saved and updated. W0 itself is never copied whole, and
+        unmerging afterwards restores it bit-exactly. ``name`` merged already: nothing changes."""
+        if self._merged is None:
+            raise ValueError("swap_merged: no adapter is merged into this layer (merge first)")
+        if name not in self.adapters:
+            raise ValueError(f"swap_merged: no adapter named {name!r}; the layer has {list(self.adapters)}")
+        if self._merged.adapter != name:
+            self.unmerge()
+            self.active_adapter = name
+            self.merge()
+        return self.base
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.transposed else "Linear"

@@ -13,10 +13,11 @@ The active adapter's deltas train (requires_grad), the others are frozen. A mode
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Callable, Optional, Union
 
+import torch
 from torch import nn
 
 from .adapter import load_adapter
@@ -32,7 +33,8 @@ from .inject import (
     rocoft_layers,
     unload_rocoft,
 )
-from .layers import check_adapter_name
+from .layers import BASE_ADAPTER, MixedBatch, RoCoFTLinear, check_adapter_name
+from .quantized import check_exact_merges, is_quantized
 
 
 def add_adapter(
@@ -78,7 +80,12 @@ def set_adapter(model: nn.Module, name: str) -> None:
             f"set_adapter: adapter {active_adapter(model)!r} is merged into the weights; unmerge_rocoft(model) "
             f"before switching to {name!r}"
         )
-    for layer in rocoft_layers(model).values():
+    _activate(rocoft_layers(model), name)
+
+
+def _activate(layers: Mapping[str, RoCoFTLinear], name: str) -> None:
+    """``name`` active in every layer: its deltas train, the other adapters' are frozen."""
+    for layer in layers.values():
         layer.active_adapter = name
         for other, adapter in layer.adapters.items():
             adapter.requires_grad_(other == name)
@@ -126,4 +133,103 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
-__all__ = ["active_adapter", "add_adapter", "adapter_names", "delete_adapter", "disable_adapter", "set_adapter"]
+def _check_swappable(layers: Mapping[str, RoCoFTLinear]) -> None:
+    """A swap needs every layer merged (merge_rocoft) and none re-selected (whose record is a folded W0)."""
+    merged = [n for n, layer in layers.items() if layer.merged]
+    if not merged:
+        raise ValueError("swap_merged_adapter: no adapter is merged (merge_rocoft first; or set_adapter, which moves no weights)")
+    if len(merged) != len(layers):
+        raise ValueError(f"swap_merged_adapter: only {len(merged)} of {len(layers)} RoCoFT layers are merged")
+    folded = [n for n, layer in layers.items() if getattr(layer, "reselection", None) is not None]
+    if folded:
+        raise ValueError(
+            f"swap_merged_adapter: {len(folded)} layers (e.g. {folded[0]!r}) hold re-selected RoCoFT layers: "
+            "call rocoft_pl.reselect.consolidate(model) first"
+        )
+
+
+@torch.no_grad()
+def _check_exact_swap(layers: Mapping[str, RoCoFTLinear], name: str) -> None:
+    """A quantized W0 takes adapter ``name`` only where that is exact: checked on W0 itself (the merged adapter
+    taken out and put back: deterministic, so the layers end as they were), before any layer swaps."""
+    quantized = {n: layer for n, layer in layers.items() if is_quantized(layer.base)}
+    merged = {n: layer._merged.adapter for n, layer in quantized.items()}  # type: ignore[union-attr]
+    for layer in quantized.values():
+        layer.unmerge()
+        layer.active_adapter = name
+    try:
+        check_exact_merges(quantized)
+    except ValueError as error:
+        raise ValueError(f"swap_merged_adapter to {name!r}: {error}") from None
+    finally:
+        for n, layer in quantized.items():
+            layer.active_adapter = merged[n]
+            layer.merge()
+
+
+def swap_merged_adapter(model: nn.Module, name: str) -> nn.Module:
+    """On a model with an adapter merged (``merge_rocoft``), merge adapter ``name`` instead, in place: each layer
+    puts back the merged adapter's saved W0 rows / columns and merges ``name``'s (saving its own), so a swap
+    touches r rows or columns per matrix and adapter, never a whole weight, and ``unmerge_rocoft`` afterwards
+    restores W0 bit-exactly. ``name`` becomes the active adapter. Swapping to the merged adapter changes nothing.
+    Refused, the model unchanged: nothing merged, an unknown name, re-selected layers, or a quantized W0 that
+    cannot take ``name``'s deltas exactly (see ``merge_rocoft``). Returns ``model``."""
+    named_adapters(model, name)  # no adapters, or none of that name: raises with the names there are
+    layers = rocoft_layers(model)
+    _check_swappable(layers)
+    if all(layer._merged.adapter == name for layer in layers.values()):  # type: ignore[union-attr]
+        return model
+    _check_exact_swap(layers, name)
+    for layer in layers.values():
+        layer.swap_merged(name)
+    _activate(layers, name)
+    return model
+
+
+@contextmanager
+def mixed_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+    """``with mixed_adapters(model, names):`` each example of the next batches computes with its own adapter:
+    ``names`` holds one adapter name per example (``"__base__"``: the base model, as ``disable_adapter``). What
+    PEFT's ``model(**batch, adapter_names=...)`` does, for any model's forward. Nothing is merged or copied:
+    every RoCoFT layer adds to the base's output, per adapter, that adapter's row / column terms on its examples
+    (one product per adapter, not per example). Inference only (under ``torch.no_grad()`` /
+    ``torch.inference_mode()``; the fused training path is untouched). Refused: unknown names, adapters of mode
+    'entries', a merged model, inside ``disable_adapter`` or another ``mixed_adapters``; a forward whose batch
+    size differs from ``len(names)`` raises. Afterwards, also after an exception, each layer is as it was."""
+    layers = rocoft_layers(model)
+    if not layers:
+        raise ValueError(f"mixed_adapters: {type(model).__name__} has no RoCoFT adapters")
+    names = list(names)
+    known = adapter_names(model)
+    unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in known})
+    if not names or unknown:
+        raise ValueError(f"mixed_adapters: give one name per example, of {known} or {BASE_ADAPTER!r}; got {names}")
+    dense = sorted({n for n in names if n != BASE_ADAPTER and any(l.adapters[n].mode == "entries" for l in layers.values())})
+    if dense:
+        raise ValueError(f"mixed_adapters: adapters {dense} have mode 'entries' (a dense delta per forward); not supported")
+    if is_merged(model):
+        raise ValueError("mixed_adapters: an adapter is merged into the weights; unmerge_rocoft(model) first")
+    if any(layer.disabled for layer in layers.values()):
+        raise ValueError("mixed_adapters inside disable_adapter: use the name '__base__' for base examples instead")
+    if any(layer.mixed is not None for layer in layers.values()):
+        raise ValueError("mixed_adapters inside mixed_adapters: one set of names at a time")
+    batch = MixedBatch.of(names)
+    for layer in layers.values():
+        layer.mixed = batch
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.mixed = None
+
+
+__all__ = [
+    "active_adapter",
+    "add_adapter",
+    "adapter_names",
+    "delete_adapter",
+    "disable_adapter",
+    "mixed_adapters",
+    "set_adapter",
+    "swap_merged_adapter",
+]
