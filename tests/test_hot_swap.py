@@ -22,12 +22,12 @@ from rocoft_pl import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_causal_lm import tiny_llama  # noqa: E402
+from tiny_causal_lm import tiny_gpt2, tiny_llama  # noqa: E402
 
 A = RoCoFTConfig(rank=2, selection="random", seed=1, modules_to_save=[])
 B = RoCoFTConfig(mode="both", rank=3, selection="random", seed=2, modules_to_save=[])
 C = RoCoFTConfig(mode="column", rank=2, selection="random", seed=3, modules_to_save=[])
-MODELS = {"bert": tiny_bert, "llama": tiny_llama}
+MODELS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 
 
@@ -115,6 +115,17 @@ def test_swap_gives_exactly_the_other_adapters_merged_model_and_w0_comes_back_bi
     swap_merged_adapter(model, "b")
     unmerge_rocoft(model)
     assert all(torch.equal(weights(model)[k], w0[k]) for k in w0)
+
+
+def test_a_to_b_to_a_then_unmerge_gives_w0_bit_exactly(kind):
+    model = build(kind)
+    w0, plain_a = weights(model), out(model)
+    merge_rocoft(model)
+    swap_merged_adapter(model, "b")
+    swap_merged_adapter(model, "a")
+    unmerge_rocoft(model)
+    assert all(torch.equal(weights(model)[k], w0[k]) for k in w0)
+    assert torch.equal(out(model), plain_a)
 
 
 def test_swap_touches_only_the_two_adapters_rows():
@@ -218,6 +229,15 @@ def test_a_mixed_batch_equals_each_example_run_with_its_own_adapter(kind, second
     with disable_adapter(model):
         base = out(model)
     assert not torch.allclose(got[1], base[1]) and torch.allclose(got[2], base[2], atol=1e-6)
+
+
+def test_a_mixed_batch_on_gpt2_conv1d_layers_equals_each_example_run_alone():
+    model = build("gpt2")
+    names = ["b", "__base__", "a", "b"]
+    expected = per_example(model, names)
+    with mixed_adapters(model, names):
+        got = out(model)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_mixed_adapters_restores_the_layers_after_an_exception():
