@@ -8,6 +8,11 @@ of the base that all of them would share, so adding an adapter next to one that 
 
 The active adapter's deltas train (requires_grad), the others are frozen. A model with one adapter, named
 'default', is what apply_rocoft and load_adapter make. Every refusal leaves the model as it was.
+
+Serving several adapters: ``swap_merged_adapter`` changes the merged adapter in place (r rows / columns per
+matrix and adapter, from the merge record: W0 stays bit-exact), and ``mixed_adapters`` runs one batch whose
+examples each use their own adapter (or the base), unmerged, for models whose forward takes no
+``adapter_names``.
 """
 
 from __future__ import annotations
