@@ -36,7 +36,7 @@ import shutil
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -273,23 +273,31 @@ def write_adapter(
     config = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
 
     given = Path(path)
-    path = Path(os.path.realpath(given))  # a symlinked adapter directory: replace what it points to
+    write_directory(given, {WEIGHTS_NAME: data, CONFIG_NAME: config}, check_replaceable)
+    return given
+
+
+def write_directory(path: Union[str, os.PathLike], files: Mapping[str, bytes], check: Callable[[Path], None]) -> Path:
+    """Write ``files`` (name -> bytes) into a sibling temp directory and swap it in place of ``path`` as a whole
+    (a symlinked directory: what it points to), after ``check(path)`` allowed replacing what is there. Returns the
+    resolved path."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _recover(path)
     _remove_stale(path)
-    check_replaceable(path)
+    check(path)
     tmp = _sibling(path, "tmp")
     try:
         os.mkdir(tmp, 0o777)  # 0755 under the usual umask, as any directory the user makes
-        _write_file(tmp / WEIGHTS_NAME, data)
-        _write_file(tmp / CONFIG_NAME, config)
+        for name, data in files.items():
+            _write_file(tmp / name, data)
         _fsync_dir(tmp)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
-    return given
+    return path
 
 
 def _sibling(path: Path, kind: str) -> Path:

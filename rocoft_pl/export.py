@@ -43,18 +43,13 @@ from .adapter import (
     _backbone_for_load,
     _check_keys,
     _check_tensors,
-    _fsync_dir,
     _nonfinite,
-    _recover,
-    _remove_stale,
-    _sibling,
-    _swap_in,
-    _write_file,
     adapter_metadata,
     adapter_state_dict,
     base_fingerprint,
     config_of,
     read_adapter,
+    write_directory,
 )
 from .config import RoCoFTConfig
 from .inject import rocoft_layers
@@ -422,25 +417,7 @@ def _is_rocoft_adapter(path: Path) -> bool:
 
 def _write_export(out_dir: Union[str, os.PathLike], files: Mapping[str, bytes], source_dir: Optional[Path]) -> Path:
     """Write the files into a sibling temp directory and swap it in as a whole (as write_adapter does)."""
-    path = Path(os.path.realpath(out_dir))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _recover(path)
-    _remove_stale(path)
-    check_out_dir(path, source_dir)
-    tmp = _sibling(path, "tmp")
-    try:
-        os.mkdir(tmp, 0o777)
-        for name, data in files.items():
-            _write_file(tmp / name, data)
-        _fsync_dir(tmp)
-        _swap_in(tmp, path)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return write_directory(out_dir, files, lambda path: check_out_dir(path, source_dir))
 
 
 def _json(data: Mapping[str, Any]) -> bytes:
