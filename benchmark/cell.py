@@ -1,9 +1,11 @@
-"""One grid cell in its own process: `python -m benchmark.cell CELL.json RESULT.json`.
+"""One grid cell in its own process: `python -m benchmark.cell CELL.json RESULT.json [--resume]`.
 
 Builds the LightningModule, DataModule and Trainer from the cell's LightningCLI config, adds the method's
 callback, fits, validates, and writes the result record (metrics, parameter counts, time, memory,
 adapter size). The runner records failures from the exit code and the log, so this file only succeeds.
 Started by a runner, the cell first arranges to die with it (benchmark/orphans.py), before the slow imports.
+``--resume`` (a cluster job requeued after a preemption or its time limit, benchmark/cluster_job.py) goes on
+from the newest Lightning checkpoint in the cell's directory, if its trainer wrote one there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Optional  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
@@ -38,6 +40,10 @@ class Meter(pl.Callback):
         self._val_s = 0.0
         self._val_start = 0.0
         self._train_s_at_val = 0.0
+        self.start_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start_step = trainer.global_step  # > 0 when fit resumed from a checkpoint
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start, self._val_s = time.perf_counter(), 0.0
@@ -105,10 +111,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def run_cell(cell: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The newest ``*.ckpt`` under the cell's directory (its trainer's default_root_dir), if any."""
+    found = [p for p in out_dir.rglob("*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def run_cell(cell: dict[str, Any], out_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Fit and validate the cell; the record (``global_rank``: of this process; a multi-GPU cell runs here
-    once per GPU, and only rank 0's record is written)."""
+    once per GPU, and only rank 0's record is written). ``resume``: from the newest checkpoint in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out_dir) if resume else None
     method = method_callback(cell["method"], **cell["method_params"])
     meter = Meter()
     cli = cli_class()(
@@ -119,7 +132,7 @@ def run_cell(cell: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     )
     trainer, module = cli.trainer, cli.model
     started = time.perf_counter()
-    trainer.fit(module, datamodule=cli.datamodule)
+    trainer.fit(module, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None)
     metrics: dict[str, float] = {}
     for d in trainer.validate(module, datamodule=cli.datamodule, verbose=False):
         metrics.update({k.split("/dataloader_idx")[0]: float(v) for k, v in d.items()})
@@ -145,6 +158,7 @@ def run_cell(cell: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "world_size": trainer.world_size,
         "global_rank": trainer.global_rank,
         "curve": meter.curve,
+        **({"resumed_from": str(ckpt), "resumed_from_step": meter.start_step} if ckpt else {}),
         "fit_validate_s": time.perf_counter() - started,
         "versions": _versions(),
     }
@@ -152,11 +166,13 @@ def run_cell(cell: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    resume = "--resume" in argv
+    argv = [a for a in argv if a != "--resume"]
     if len(argv) != 2:
-        raise SystemExit("usage: python -m benchmark.cell CELL.json RESULT.json")
+        raise SystemExit("usage: python -m benchmark.cell CELL.json RESULT.json [--resume]")
     cell_path, result_path = Path(argv[0]), Path(argv[1])
     cell = json.loads(cell_path.read_text())
-    record = run_cell(cell, result_path.parent)
+    record = run_cell(cell, result_path.parent, resume)
     if record.pop("global_rank"):
         return  # rank 0 writes the cell's one result
     tmp = result_path.with_suffix(".tmp")

@@ -18,6 +18,7 @@ A grid YAML:
       rocoft-row-r3: {method: rocoft-row, params: {rank: 3}, label: RoCoFT 3-Row}
       lora-r8:       {method: lora, params: {r: 8}, seeds: [0]}   # a method may narrow the seeds
     timeout_s: 1800                         # per cell
+    launcher: {kind: slurm, partition: gpu}  # how cells are launched (benchmark/launcher_options.py)
 
 Relative paths (base_config, results) are relative to the grid file's directory's project root, i.e.
 the current working directory.
@@ -39,9 +40,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .launcher_options import from_mapping
 from .methods import METHODS
 
-GRID_KEYS = {"name", "base_config", "results", "seeds", "overrides", "models", "tasks", "methods", "timeout_s"}
+GRID_KEYS = {"name", "base_config", "results", "seeds", "overrides", "models", "tasks", "methods", "timeout_s", "launcher"}
 
 
 class GridError(ValueError):
@@ -77,6 +79,7 @@ class Grid:
     name: str
     results: Path
     cells: list[Cell]
+    launcher: dict[str, Any] = field(default_factory=dict)  # the YAML's `launcher:` mapping, checked
 
 
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
@@ -205,4 +208,6 @@ def load_grid(path: Union[str, Path], seeds: Optional[list[int]] = None) -> Grid
                         )
                     )
     results = Path(spec.get("results") or f"runs/bench/{name}/results.jsonl")
-    return Grid(name=name, results=results, cells=cells)
+    launcher = spec.get("launcher") or {}
+    from_mapping(launcher, f"{path}: 'launcher'")  # an unknown option or a bad value fails at load
+    return Grid(name=name, results=results, cells=cells, launcher=dict(launcher))

@@ -10,8 +10,13 @@ from typing import Any
 def _run(args: argparse.Namespace) -> int:
     import sys
 
+    from .cluster_cli import run_elsewhere
     from .grid import GridError, load_grid
     from .runner import run_grid
+
+    elsewhere = run_elsewhere(args)  # --dry-run, --launcher slurm / submitit-local (benchmark/cluster.py)
+    if elsewhere is not None:
+        return elsewhere
 
     seeds = _seeds(args.seeds) if args.seeds else None
     try:
@@ -64,6 +69,8 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
+    from .cluster_cli import add_run_arguments
+
     run = subparsers.add_parser("run", help="run a grid of (model, task, method, seed) cells, resumably")
     run.add_argument("grid", help="grid YAML (see benchmark/grid.py and configs/bench/)")
     run.add_argument("--jobs", type=int, default=1, help="cells at once (on GPUs, each with its own trainer.devices GPUs)")
@@ -72,6 +79,7 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--table", action="store_true", help="write and print the leaderboard afterwards")
     run.add_argument("--statistic", choices=("mean", "median"), default="mean")
     run.add_argument("--strict", action="store_true", help="exit 1 when a cell failed")
+    add_run_arguments(run)
     run.set_defaults(func=_run)
 
     table = subparsers.add_parser(

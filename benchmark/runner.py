@@ -40,6 +40,7 @@ from typing import Any, Optional, Union
 from tqdm.auto import tqdm
 
 from . import claims
+from .cell_env import cell_env
 from .gpu_groups import GpuPool, cell_needs, group_env, visible_gpus
 from .grid import Cell, Grid, GridError, load_grid
 from .lm_eval import generate_records_of_cell
@@ -47,11 +48,6 @@ from .orphans import child_env, kill_group
 from .results import read_store, set_aside_damaged, upsert_result
 from .validate import validate_grid
 
-# Distributed launch variables of a parent run must not leak into a cell. A cell is the runner's child, not
-# an srun task: with SLURM's task count visible, Lightning would expect srun to have started one process per
-# GPU instead of starting them itself.
-_STRIP_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
-              "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE")
 POLL_S = 2.0  # how often a runner looks again at cells claimed by another runner
 
 
@@ -109,14 +105,6 @@ def run_one(grid: Grid, cell: Cell, device: Optional[str] = None, claim: Optiona
         record["error"] = f"{error}\n{_tail(log)}"
     record.update(status=status, grid=grid.name, wall_s=time.time() - started, log=str(log))
     return record
-
-
-def cell_env(device: Optional[str]) -> dict[str, str]:
-    """The runner's environment for a cell: launch variables stripped, CUDA_VISIBLE_DEVICES its group."""
-    env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
-    if device is not None:
-        env["CUDA_VISIBLE_DEVICES"] = device
-    return env
 
 
 def _by_cell(path: Path) -> dict[str, dict[str, Any]]:
