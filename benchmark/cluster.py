@@ -9,8 +9,10 @@ submitted again, up to ``max_retries`` times; preemptions and time limits are re
 
 The driver may exit at any time (Ctrl-C, ``--no-wait``, a lost login session): the jobs go on, and
 `rocoft-bench status GRID.yaml` tells each cell's state from the files and the scheduler; running the same
-command again waits for the jobs still in flight instead of submitting their cells twice, and submits only
-cells that are neither finished nor in flight. One driver per grid at a time.
+command again waits for the jobs still in flight instead of submitting their cells twice, goes on with the
+retries of cells that failed meanwhile, and submits the cells that are neither finished nor in flight (a cell
+that used up its retries starts a new round of attempts, as a failed cell of the local runner is run again).
+One driver per grid at a time.
 
 ``submitit-local`` runs the same code path on this machine through submitit's LocalExecutor (a process per
 cell, at most ``max_parallel`` at once, each with a group of free GPUs of its own): that is how the tests
@@ -48,16 +50,25 @@ def save_jobs(paths: ClusterPaths, jobs: dict[str, dict[str, Any]]) -> None:
     write_json_atomically(paths.jobs, {"cells": jobs})
 
 
-def job_state(entry: dict[str, Any], folder: Path) -> str:
-    """The scheduler's word on a job: a SLURM state (sacct), or for local jobs RUNNING / FINISHED from
-    whether its controller process still runs on this host (UNKNOWN on another host)."""
-    if entry.get("launcher") == "slurm":
-        import submitit
+def job_states(entries: list[dict[str, Any]], force: bool = False) -> dict[str, str]:
+    """job_id -> the scheduler's word on it: SLURM's state from one sacct call for all of them (``force``:
+    now; else on submitit's schedule, which backs off to every 10 minutes), or for local jobs RUNNING /
+    FINISHED from whether the job's controller process still runs (UNKNOWN on another host)."""
+    states = {}
+    slurm = [str(e["job_id"]) for e in entries if e.get("launcher") == "slurm"]
+    if slurm:
+        from submitit.slurm.slurm import SlurmJob
 
-        return str(submitit.SlurmJob(folder, entry["job_id"]).state).split()[0]
-    if entry.get("host") != socket.gethostname():
-        return "UNKNOWN"
-    return "RUNNING" if alive(int(entry["job_id"]), entry.get("pid_start")) else "FINISHED"
+        watcher = SlurmJob.watcher
+        for job_id in slurm:
+            watcher.register_job(job_id)
+        watcher.update_if_long_enough("force" if force else "standard")
+        states.update({j: str(watcher.get_state(j, mode="cache")).split()[0] for j in slurm})
+    for e in entries:
+        if e.get("launcher") != "slurm":
+            here = e.get("host") == socket.gethostname()
+            states[str(e["job_id"])] = ("RUNNING" if alive(int(e["job_id"]), e.get("pid_start")) else "FINISHED") if here else "UNKNOWN"
+    return states
 
 
 def job_ended(state: str) -> bool:
@@ -182,11 +193,12 @@ class Driver:
     def poll(self) -> bool:
         """Look at every cell in flight once; True when one finished (ok, or failed for good)."""
         changed, retry = False, []
+        states = job_states(list(self.in_flight.values()))
         for h, entry in list(self.in_flight.items()):
             cell = self.cells[h]
             record = cell_record(self.paths, h)
             if record is None or (record.get("status") != "ok" and record.get("attempt") != entry["attempt"]):
-                state = job_state(entry, self.paths.submitit / "%j")
+                state = states[str(entry["job_id"])]
                 if not job_ended(state):
                     continue
                 record = cell_record(self.paths, h)  # it may have written its record just before ending
@@ -232,14 +244,19 @@ def run_cluster(grid: Grid, options: LauncherOptions, wait: bool = True, poll_s:
     if done:
         driver.say(f"skipping {len(done)} finished cell(s)")
     fresh = []
+    states = job_states([e for c in todo if (e := driver.jobs.get(c.config_hash))], force=True)
     for cell in todo:
         entry = driver.jobs.get(cell.config_hash)
         record = cell_record(driver.paths, cell.config_hash)
-        waiting = record is None or record.get("attempt") != (entry or {}).get("attempt")
-        if entry and waiting and not job_ended(job_state(entry, driver.paths.submitit / "%j")):
+        recorded = entry is not None and record is not None and record.get("attempt") == entry["attempt"]
+        if entry and not recorded and not job_ended(states[str(entry["job_id"])]):
             driver.in_flight[cell.config_hash] = entry  # submitted by an earlier driver, still in flight
+        elif entry and entry["attempt"] <= options.max_retries:  # an earlier driver's attempt failed, retries left
+            driver.say(f"{cell.cell_id}: failed meanwhile, submitting it again "
+                       f"(attempt {entry['attempt'] + 1} of {options.max_retries + 1})")
+            fresh.append((cell, entry["attempt"] + 1))
         else:
-            fresh.append((cell, 1))  # a new run retries failed cells, as the local runner does
+            fresh.append((cell, 1))  # a new round: failed cells are run again, as the local runner does
     if driver.in_flight:
         driver.say(f"{len(driver.in_flight)} cell(s) still in flight from an earlier submission: waiting for them")
     if fresh:

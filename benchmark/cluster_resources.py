@@ -11,7 +11,6 @@ the launcher's ``time_min``, else the cell's ``timeout_s``. Cells with the same 
 
 from __future__ import annotations
 
-import copy
 import math
 import shlex
 import sys
@@ -44,7 +43,7 @@ def cell_resources(cell: Cell, options: LauncherOptions) -> CellResources:
     nodes = int(trainer.pop("num_nodes", None) or 1)
     if nodes > 1 and options.kind != "slurm":
         raise ValueError(f"{cell.cell_id}: trainer.num_nodes {nodes} needs the slurm launcher")
-    config = {**copy.copy(cell.config), "trainer": trainer}
+    config = {**cell.config, "trainer": trainer}  # num_nodes apart: that is nodes, not GPUs
     try:
         gpus = gpu_need(config, options.gpus_per_cell)
     except ValueError as err:

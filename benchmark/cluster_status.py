@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .cell_store import cell_record, cluster_paths, read_json
-from .cluster import job_ended, job_state, load_jobs
+from .cluster import job_ended, job_states, load_jobs
 from .grid import Grid
 from .results import read_store
 
@@ -35,10 +35,20 @@ def _tail(text: str, lines: int) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+def _summary(error: str, width: int = 160) -> str:
+    """The error's first line and, when the log follows, its last line (usually the exception)."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    if not lines:
+        return "failed"
+    text = lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def cell_states(grid: Grid, tail_lines: int = 15) -> list[CellState]:
     paths = cluster_paths(grid.results)
     jobs = load_jobs(paths)
     stored = {r["cell_id"]: r for r in read_store(grid.results)[0]}
+    states = job_states([e for c in grid.cells if (e := jobs.get(c.config_hash))], force=True)  # one sacct call
     out = []
     for cell in grid.cells:
         h = cell.config_hash
@@ -55,7 +65,7 @@ def cell_states(grid: Grid, tail_lines: int = 15) -> list[CellState]:
             continue
         current = record is not None and (not entry or record.get("attempt") == attempt)
         if entry and not current:
-            state = job_state(entry, paths.submitit / "%j")
+            state = states[str(job_id)]
             running = read_json(paths.work(h) / "running.json")
             if not job_ended(state):
                 live = state == "RUNNING" and (entry.get("launcher") == "slurm" or running is not None)
@@ -70,7 +80,7 @@ def cell_states(grid: Grid, tail_lines: int = 15) -> list[CellState]:
         failed = record if record is not None else old if old is not None and old.get("status") != "ok" else None
         if failed is not None:
             error = str(failed.get("error") or "")
-            out.append(CellState(cell.cell_id, "failed", error.splitlines()[0] if error else "failed",
+            out.append(CellState(cell.cell_id, "failed", _summary(error),
                                  failed.get("job_id", job_id), failed.get("attempt", attempt), _tail(error, tail_lines)))
             continue
         out.append(CellState(cell.cell_id, "pending", "not submitted"))

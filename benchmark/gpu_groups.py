@@ -37,7 +37,8 @@ srun task, so the runner hides SLURM's task count from it (benchmark/runner.py) 
 cell's per-GPU processes itself. A cell with ``num_nodes`` > 1 is refused: its ranks on every node must be
 started by the cluster's launcher (``srun --nodes N --ntasks-per-node G``, one task per GPU, which
 Lightning's SLURMEnvironment reads), and a runner on one node cannot start processes on others. Run such
-cells outside the runner (a cluster submitter is not part of it), or lower ``num_nodes``.
+cells with the slurm launcher (`rocoft-bench run GRID.yaml --launcher slurm`, benchmark/cluster.py), which
+submits each cell as a SLURM job of its own with the GPUs, nodes and tasks it needs, or lower ``num_nodes``.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def gpu_need(config: dict[str, Any], visible: int) -> int:
     if nodes is not None and int(nodes) > 1:
         raise ValueError(
             f"trainer.num_nodes is {nodes}: the local launcher runs a cell on this machine only; run multi-node "
-            "cells under a cluster launcher (srun, see benchmark/gpu_groups.py)"
+            "cells under a cluster launcher (`rocoft-bench run --launcher slurm`, see benchmark/gpu_groups.py)"
         )
     accelerator = _accelerator(trainer)
     if accelerator not in GPU_ACCELERATORS or (accelerator == "auto" and not visible):

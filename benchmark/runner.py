@@ -27,7 +27,6 @@ Reliability:
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -8,9 +8,7 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -140,7 +138,7 @@ def _wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_submitit_local_grid_preempted_cell_resumes_failure_stops_collect_and_status(tmp_path):
+def test_submitit_local_grid_preempted_cell_resumes_failure_stops_collect_and_status(tmp_path, capsys):
     from benchmark.cell_store import cluster_paths, collect
     from benchmark.cluster import run_cluster
     from benchmark.cluster_status import cell_states, format_states
@@ -165,22 +163,22 @@ def test_submitit_local_grid_preempted_cell_resumes_failure_stops_collect_and_st
     by_label = {c.method_label: c for c in grid.cells}
     slow_work = paths.work(by_label["slow"].config_hash)
     log = io.StringIO()
-    outcome = {}
-    driver = threading.Thread(target=lambda: outcome.update(records=run_cluster(grid, options, poll_s=0.2, log=log)))
-    driver.start()
-    try:
-        # Preempt the slow cell once it has a checkpoint: USR2 to its job, as SLURM sends before a preemption.
-        def checkpointed_and_running():
-            running = slow_work / "running.json"
-            return running.exists() and any(slow_work.rglob("*.ckpt")) and json.loads(running.read_text())
-        running = _wait_for(checkpointed_and_running, 240, "the slow cell's first checkpoint")
-        assert not running["resume"] and running["attempt"] == 1
-        states = {s.cell_id: s.state for s in cell_states(grid)}
-        assert states[by_label["slow"].cell_id] == "running"
-        os.kill(running["pid"], signal.SIGUSR2)
-    finally:
-        driver.join(timeout=300)
-    assert not driver.is_alive() and "records" in outcome, log.getvalue()
+    # The driver submits and exits (--no-wait); the cells run on.
+    assert run_cluster(grid, options, wait=False, log=log) == []
+
+    # Preempt the slow cell once it has a checkpoint: USR2 to its job, as SLURM sends before a preemption.
+    def checkpointed_and_running():
+        running = slow_work / "running.json"
+        return running.exists() and any(slow_work.rglob("*.ckpt")) and json.loads(running.read_text())
+    running = _wait_for(checkpointed_and_running, 240, "the slow cell's first checkpoint")
+    assert not running["resume"] and running["attempt"] == 1
+    states = {s.cell_id: s.state for s in cell_states(grid)}
+    assert states[by_label["slow"].cell_id] == "running"
+    os.kill(running["pid"], signal.SIGUSR2)
+
+    # A driver comes back: it waits for the jobs in flight, retries the failure, collects.
+    records = run_cluster(grid, options, poll_s=0.2, log=log)
+    assert len(records) == 3, log.getvalue()
 
     records = {r["method_label"]: r for r in read_results(grid.results)}
     assert sorted(records) == ["broken", "row", "slow"], log.getvalue()
@@ -193,7 +191,7 @@ def test_submitit_local_grid_preempted_cell_resumes_failure_stops_collect_and_st
     assert "attempt 1 (resumed)" in slow_log and slow_log.count("=== ") == 2
     broken = records["broken"]
     assert broken["status"] == "failed" and broken["attempt"] == 2 and "exceeds" in broken["error"]
-    assert "submitting it again (attempt 2 of 2)" in log.getvalue()
+    assert "submitting it again (attempt 2 of 2)" in log.getvalue() and "(attempt 3" not in log.getvalue()
     jobs = json.loads(paths.jobs.read_text())["cells"]
     assert {e["cell_id"] for e in jobs.values()} == {c.cell_id for c in grid.cells}
     assert all(e["job_id"].isdigit() and e["launcher"] == "submitit-local" for e in jobs.values())
@@ -203,6 +201,7 @@ def test_submitit_local_grid_preempted_cell_resumes_failure_stops_collect_and_st
     assert {s.state for s in states.values()} == {"done", "failed"}
     failed = states[broken["cell_id"]]
     assert failed.state == "failed" and failed.attempt == 2 and "exceeds" in failed.log_tail
+    assert failed.detail.startswith("exit code 1: ValueError: rank 100000 exceeds")
     text = format_states(grid, list(states.values()))
     assert "3 cell(s): 2 done, 0 running, 0 pending, 1 failed" in text and "log tail" in text
 
@@ -214,3 +213,46 @@ def test_submitit_local_grid_preempted_cell_resumes_failure_stops_collect_and_st
     assert "lm-eval|other" in rebuilt
     assert {k: v for k, v in rebuilt.items() if k != "lm-eval|other"} == {
         r["cell_id"]: r for r in map(json.loads, before.splitlines())}
+
+    # a dry run now plans the failed cell only
+    from benchmark.cli import main
+
+    capsys.readouterr()
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert "3 cell(s), 2 finished (skipped), 1 to run with the submitit-local launcher" in capsys.readouterr().out
+
+
+def test_status_reads_slurm_states_from_one_sacct_call(tmp_path, monkeypatch):
+    """SLURM job states (a fake `sacct` on PATH, in sacct's --parsable2 format) and the cell files give
+    each cell's state: running, queued, ended without a record (with its log tail), done, not submitted."""
+    from benchmark.cell_store import cluster_paths, write_json_atomically
+    from benchmark.cluster import save_jobs
+    from benchmark.cluster_status import cell_states
+
+    grid = load_grid(write_grid(tmp_path, {k: {"method": "rocoft-row", "params": {"rank": r}} for r, k in enumerate("abcde", 1)}))
+    cells = {c.method_label: c for c in grid.cells}
+    paths = cluster_paths(grid.results)
+    calls = tmp_path / "sacct_calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(
+        "#!/bin/sh\necho \"$@\" >> " + str(calls) + "\n"
+        "printf 'JobID|State|NodeList\\n7_0|RUNNING|n1\\n7_1|PENDING|None\\n7_2|OUT_OF_MEMORY|n2\\n7_3|COMPLETED|n3\\n'\n")
+    (bin_dir / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    jobs = {cells[k].config_hash: {"cell_id": cells[k].cell_id, "job_id": f"7_{i}", "attempt": 1, "launcher": "slurm"}
+            for i, k in enumerate("abcd")}
+    save_jobs(paths, jobs)
+    (paths.work(cells["c"].config_hash)).mkdir(parents=True)
+    (paths.work(cells["c"].config_hash) / "log.txt").write_text("loading\nCUDA out of memory\n")
+    write_json_atomically(paths.result(cells["d"].config_hash),
+                          {"cell_id": cells["d"].cell_id, "status": "ok", "attempt": 1, "metrics": {"val/accuracy": 0.75}})
+
+    states = {s.cell_id: s for s in cell_states(grid)}
+    got = {k: states[cells[k].cell_id].state for k in "abcde"}
+    assert got == {"a": "running", "b": "pending", "c": "failed", "d": "done", "e": "pending"}
+    assert "OUT_OF_MEMORY" in states[cells["c"].cell_id].detail
+    assert "CUDA out of memory" in states[cells["c"].cell_id].log_tail
+    assert states[cells["e"].cell_id].detail == "not submitted"
+    assert "val/accuracy 0.75" in states[cells["d"].cell_id].detail
+    assert len(calls.read_text().splitlines()) == 1  # one sacct call for the whole grid

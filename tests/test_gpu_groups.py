@@ -295,7 +295,7 @@ def test_a_multi_gpu_cell_writes_one_result_and_one_adapter(tmp_path, monkeypatc
     spec = tmp_path / "cell.json"
     spec.write_text(json.dumps({}))
     for rank in (1, 0):
-        monkeypatch.setattr(cell_module, "run_cell", lambda cell, out, rank=rank: {"global_rank": rank, "status": "ok"})
+        monkeypatch.setattr(cell_module, "run_cell", lambda cell, out, resume=False, rank=rank: {"global_rank": rank, "status": "ok"})
         cell_module.main([str(spec), str(tmp_path / "result.json")])
         assert (tmp_path / "result.json").exists() == (rank == 0)
     assert "global_rank" not in json.loads((tmp_path / "result.json").read_text())
