@@ -75,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": f"launcher_{f.name}", "default": None, "help": f.metadata["help"]}
         if f.name == "kind":
             kwargs["choices"] = LAUNCHERS
-        elif f.name in _LISTS:
+        else:
+            kwargs["metavar"] = f.name.upper()  # in lower case, its key under `launcher:`
+        if f.name in _LISTS:
             kwargs["action"] = "append"
         elif f.type in ("Optional[int]", "int"):
             kwargs["type"] = int
