@@ -24,7 +24,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -115,9 +115,10 @@ def _entry(job: Any, cell: Cell, attempt: int, options: LauncherOptions) -> dict
 class Driver:
     grid: Grid
     options: LauncherOptions
-    log: Any = field(default=sys.stdout)
+    log: Any = None  # where progress goes; None: sys.stdout (as it is when the driver runs)
 
     def __post_init__(self) -> None:
+        self.log = self.log or sys.stdout
         self.paths = cluster_paths(self.grid.results)
         self.jobs = load_jobs(self.paths)
         self.cells = {c.config_hash: c for c in self.grid.cells}
@@ -138,6 +139,12 @@ class Driver:
                 resources[cell.config_hash] = cell_resources(cell, self.options)
             except ValueError as err:
                 problems.append(str(err))
+        if self.options.kind == "submitit-local":  # a cell waiting for more GPUs than there are would wait forever
+            from .gpu_groups import visible_gpus
+
+            visible = len(visible_gpus())
+            problems += [f"{c.cell_id}: needs {resources[c.config_hash].gpus} GPU(s), {visible} visible"
+                         for c in cells if c.config_hash in resources and resources[c.config_hash].gpus > visible]
         if problems:
             raise GridError(f"{len(problems)} cell(s) cannot run under the {self.options.kind} launcher, "
                             "no cell was submitted:\n- " + "\n- ".join(problems))
@@ -234,7 +241,7 @@ class Driver:
 
 
 def run_cluster(grid: Grid, options: LauncherOptions, wait: bool = True, poll_s: float = POLL_S,
-                log: Any = sys.stdout) -> list[dict[str, Any]]:
+                log: Any = None) -> list[dict[str, Any]]:
     """Submit the grid's unfinished cells (``grid`` checked by runner.prepare) and, with ``wait``, wait for
     them, collecting as they finish; returns the final records of the cells that finished meanwhile."""
     driver = Driver(grid, options, log)
@@ -262,6 +269,8 @@ def run_cluster(grid: Grid, options: LauncherOptions, wait: bool = True, poll_s:
     if fresh:
         driver.submit(fresh)
     if not wait:
+        if driver.queue:
+            driver.say(f"{len(driver.queue)} cell(s) wait for a free slot: they are submitted when the driver runs again")
         driver.say("not waiting; `rocoft-bench status` shows the cells, `rocoft-bench collect` merges their results")
         return []
     try:
