@@ -130,6 +130,7 @@ def plan_text(grid_name: str, cells: list[Cell], finished: int, options: Launche
     )
     arrays = f" in {len(groups)} job array(s)" if options.kind == "slurm" else ""
     lines.append(f"jobs: {len(cells)}{arrays}: {kinds or 'none'}")
+    per = " per job array" if options.kind == "slurm" else ""
     lines.append(f"GPU hours booked by the time limits (an upper bound): {gpu_hours:.1f}; "
-                 f"at most {options.max_parallel} cell(s) at once (max_parallel)")
+                 f"at most {options.max_parallel} cell(s) at once{per} (max_parallel)")
     return "\n".join(lines)

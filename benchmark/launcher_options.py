@@ -38,7 +38,7 @@ class LauncherOptions:
                              "cells get what their trainer.devices asks for (unset: 1)"})
     cpus_per_task: Optional[int] = field(default=None, metadata={"help": "CPUs per task (one task per GPU)"})
     mem: Optional[str] = field(default=None, metadata={"help": "memory per node, e.g. 64GB (SLURM --mem)"})
-    max_parallel: int = field(default=256, metadata={"help": "cells running at once (the job array's %%N)"})
+    max_parallel: int = field(default=256, metadata={"help": "cells running at once: per job array on SLURM (its %%N), in all with submitit-local"})
     max_retries: int = field(
         default=1, metadata={"help": "times a cell that failed with an error is submitted again (not preemptions)"})
     max_requeues: int = field(

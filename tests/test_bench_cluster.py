@@ -256,3 +256,50 @@ def test_status_reads_slurm_states_from_one_sacct_call(tmp_path, monkeypatch):
     assert states[cells["e"].cell_id].detail == "not submitted"
     assert "val/accuracy 0.75" in states[cells["d"].cell_id].detail
     assert len(calls.read_text().splitlines()) == 1  # one sacct call for the whole grid
+
+
+def _fake_slurm(tmp_path, monkeypatch, sacct_lines):
+    """`srun`, `sbatch` (keeps each script, answers job ids 100, 101, ...) and `sacct` on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scripts = tmp_path / "sbatch_scripts"
+    scripts.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(
+        f"#!/bin/sh\nn=$(ls {scripts} | wc -l)\ncp \"$1\" {scripts}/$((100 + n)).sh\n"
+        "echo \"Submitted batch job $((100 + n))\"\n")
+    (bin_dir / "sacct").write_text("#!/bin/sh\nprintf 'JobID|State|NodeList\\n" + "".join(l + "\\n" for l in sacct_lines) + "'\n")
+    for name in ("srun", "sbatch", "sacct"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return scripts
+
+
+def test_slurm_driver_submits_one_array_per_set_of_needs_and_never_twice(tmp_path, monkeypatch):
+    from benchmark.cell_store import cluster_paths
+    from benchmark.cluster import load_jobs, run_cluster
+
+    gpu_base = {**TINY_BASE, "trainer": {**TINY_BASE["trainer"], "accelerator": "gpu"}}
+    grid = load_grid(write_grid(tmp_path, {
+        "one": {"method": "bitfit", "seeds": [1, 2]},
+        "fsdp": {"method": "rocoft-row", "params": {"rank": 1}, "overrides": {"trainer.devices": 2}},
+    }, base=gpu_base, launcher={"kind": "slurm", "partition": "gpu", "max_parallel": 8}))
+    scripts = _fake_slurm(tmp_path, monkeypatch, [])
+    log = io.StringIO()
+    assert run_cluster(grid, from_mapping(grid.launcher), wait=False, log=log) == []
+    submitted = {p.stem: _sbatch_fields(p.read_text()) for p in scripts.iterdir()}
+    assert len(submitted) == 2, log.getvalue()  # the two 1-GPU cells in one array, the 2-GPU cell alone
+    array = next(f for f in submitted.values() if "array" in f)
+    single = next(f for f in submitted.values() if "array" not in f)
+    assert (array["array"], array["gpus-per-node"], array["ntasks-per-node"], array["partition"]) == ("0-1%2", "1", "1", "gpu")  # %N is at most the array size
+    assert (single["gpus-per-node"], single["ntasks-per-node"]) == ("2", "2")
+    jobs = load_jobs(cluster_paths(grid.results))
+    ids = sorted(e["job_id"] for e in jobs.values())
+    assert len(ids) == 3 and sum("_" in i for i in ids) == 2 and all(e["launcher"] == "slurm" for e in jobs.values())
+    for cell in grid.cells:  # each cell's spec is in its directory for the job to read
+        assert json.loads((cluster_paths(grid.results).work(cell.config_hash) / "cell.json").read_text())["cell_id"] == cell.cell_id
+
+    # A driver that comes back while SLURM still runs or queues them submits nothing again.
+    _fake_slurm(tmp_path, monkeypatch, [f"{i}|{'RUNNING' if n else 'PENDING'}|n1" for n, i in enumerate(ids)])
+    assert run_cluster(grid, from_mapping(grid.launcher), wait=False, log=log) == []
+    assert len(list(scripts.iterdir())) == 2 and "3 cell(s) still in flight" in log.getvalue()
