@@ -4,6 +4,7 @@ preflight. Its own module so that ``rocoft --help`` and the error reporting in r
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any, Callable
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
