@@ -189,12 +189,13 @@ def test_rocoft_bench_table_without_pandas_names_the_bench_extra(tmp_path):
 
 
 # -- the CLIs' help ----------------------------------------------------------------------------------------
-def test_rocoft_top_level_help_lists_what_lightning_cli_does(capsys):
+def test_rocoft_top_level_help_lists_what_lightning_cli_does(capsys, monkeypatch):
     """`rocoft --help` is ours (no Lightning import); it must still list every top-level option and subcommand
     of the LightningCLI it stands for."""
     from rocoft_pl.cli import SUBCOMMAND_HELP, top_level_parser
     from rocoft_pl.lightning_cli import RoCoFTCLI
 
+    monkeypatch.setattr(sys, "argv", ["rocoft"])  # not pytest's arguments (LightningCLI warns about both)
     with pytest.raises(SystemExit):
         RoCoFTCLI(args=["--help"])
     lightning_help = capsys.readouterr().out
@@ -203,8 +204,10 @@ def test_rocoft_top_level_help_lists_what_lightning_cli_does(capsys):
     assert set(RoCoFTCLI.subcommands()) | {"export-lora"} == set(SUBCOMMAND_HELP)
 
 
-def test_rocoft_help_and_subcommand_help(capsys):
+def test_rocoft_help_and_subcommand_help(capsys, monkeypatch):
     from rocoft_pl.cli import main, wants_top_level_help
+
+    monkeypatch.setattr(sys, "argv", ["rocoft"])
 
     assert wants_top_level_help(["--help"]) and wants_top_level_help(["--config", "x.yaml", "-h"])
     assert not wants_top_level_help(["fit", "--help"]) and not wants_top_level_help([])
