@@ -21,7 +21,11 @@ skips it. A datamodule with ``preflight()`` is built once more for the check: it
 A bad input (a missing data file, a value a class refuses) ends with one line, ``rocoft: error: <cause>``,
 exit status 1, and the path of a file holding the full traceback; ``ROCOFT_VERBOSE=1`` (or ``rocoft --verbose
 fit ...``, before the subcommand) prints the traceback instead. jsonargparse's usage errors (unknown keys,
-values of the wrong type) keep their own short message and status 2.
+values of the wrong type) keep their own short message and status 2. A missing optional package is such a line
+too, naming the extra to install (``rocoft_pl.extras``).
+
+This module imports no Lightning: ``rocoft --help`` is printed from ``top_level_parser`` at once, and the
+LightningCLI subclass lives in ``rocoft_pl.lightning_cli``, imported when a subcommand runs.
 """
 
 from __future__ import annotations
