@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -49,6 +48,7 @@ def _modules_after(code: str) -> dict:
 
 def test_extras_in_pyproject_match_this_test():
     """EXTRA_MODULES is the test's copy of pyproject.toml's extras; `all` names every feature extra."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert [re.split(r"[<>=\[]", d)[0] for d in core] == ["torch", "lightning", "transformers", "safetensors", "jsonargparse"]
