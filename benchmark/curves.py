@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
-import pandas as pd
+
+from rocoft_pl.extras import require_extra
 
 from .leaderboard import _as_percent
 from .results import read_results
+
+pd = require_extra("pandas", "bench")
 
 REFERENCE_METHOD = "full"  # the method kind whose final score the "X% of" columns refer to
 
@@ -106,8 +109,7 @@ def _slug(text: str) -> str:
 
 def plot_curves(curves: pd.DataFrame, out_dir: Path) -> list[Path]:
     """One PNG per (model, task): score vs steps and vs training seconds, seed mean and min-max band."""
-    import matplotlib
-
+    matplotlib = require_extra("matplotlib", "bench")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -54,6 +54,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rocoft_pl import RoCoFTConfig, apply_rocoft, merge_rocoft, merge_rocoft_dequantized, save_adapter, unload_rocoft
+from rocoft_pl.extras import require_extra
 from rocoft_pl.inject import find_heads, find_targets
 from rocoft_pl.layers import features, is_conv1d
 
@@ -156,7 +157,7 @@ def build_method(name: str, base: nn.Module) -> Method:
         merge = (lambda: merge_rocoft_dequantized(model)) if quantized else (lambda: unload_rocoft(merge_rocoft(model)))
         return Method(name, model, report.rocoft_params, lambda d: save_adapter(model, d), merge)
     if m := re.fullmatch(r"lora-r(\d+)", name):
-        import peft
+        peft = require_extra("peft", "bench")
 
         from .methods import peft_config  # the leaderboard's LoRA: RoCoFT's targets, head in modules_to_save
 
@@ -346,7 +347,7 @@ def run(
     """Benchmark ``methods`` on copies of ``base``; returns (pandas table, JSON-ready result) and writes
     efficiency.csv / efficiency.json into ``output_dir`` if given. ``quantize``: quantize the base's block Linears
     first (see the module docstring)."""
-    import pandas as pd
+    pd = require_extra("pandas", "bench")
 
     from rocoft_pl.quantized import check_kind, keep_trainable_layout, logical_numels, quantize_in_memory
 

@@ -13,9 +13,11 @@ import math
 from pathlib import Path
 from typing import Any, Union
 
-import pandas as pd
+from rocoft_pl.extras import require_extra
 
 from .results import read_results
+
+pd = require_extra("pandas", "bench")
 
 SCALE_100 = ("accuracy", "f1", "mcc", "pearson", "spearman", "exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -135,8 +137,7 @@ def render(frame: pd.DataFrame, statistic: str = "mean", fmt: str = "markdown") 
 
 def plots(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Metric vs trainable parameters, time and memory per method, and the rank sweep, as PNG files."""
-    import matplotlib
-
+    matplotlib = require_extra("matplotlib", "bench")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

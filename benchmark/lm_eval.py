@@ -34,6 +34,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import yaml
 
+from rocoft_pl.extras import require_extra
+
 DEFAULT_TASKS = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "gsm8k")
 # lm-eval task name -> the dataset name used by tasks.reasoning and the generate-and-parse results.
 TASK_NAMES = {"social_iqa": "siqa", "arc_easy": "arc-e", "arc_challenge": "arc-c"}
@@ -113,7 +115,7 @@ def _absolute(files: Any, base: Path) -> Any:
 
 
 def task_manager(include: Optional[Sequence[Union[str, Path]]], include_defaults: bool, work_dir: Path) -> Any:
-    from lm_eval.tasks import TaskManager
+    TaskManager = require_extra("lm_eval.tasks", "bench").TaskManager
 
     if not include:
         return TaskManager()
@@ -134,7 +136,7 @@ def evaluate(
     """Run lm-eval's ``simple_evaluate`` on an LM object; returns its results dict (``results[task][metric]``).
     ``include_defaults`` (None: only when a task is not found in ``include``) indexes lm-eval's built-in tasks
     (about 10 s)."""
-    from lm_eval import simple_evaluate
+    simple_evaluate = require_extra("lm_eval", "bench").simple_evaluate
 
     with tempfile.TemporaryDirectory(prefix="rocoft-lm-eval-") as tmp:
         if include and include_defaults is None:
@@ -163,7 +165,7 @@ def hflm_in_memory(model: Any, tokenizer: Any, batch_size: Union[int, str] = 8, 
                    max_length: Optional[int] = None) -> Any:
     """lm-eval's HFLM around a model object (single process; RoCoFT layers or merged, either works). The model
     is moved to ``device`` first: HFLM scores a model object where it lies and ignores its own ``device``."""
-    from lm_eval.models.huggingface import HFLM
+    HFLM = require_extra("lm_eval.models.huggingface", "bench").HFLM
 
     model.to(device).eval()
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
@@ -172,7 +174,7 @@ def hflm_in_memory(model: Any, tokenizer: Any, batch_size: Union[int, str] = 8, 
 def hflm_from_path(path: Union[str, Path], batch_size: Union[int, str] = 8, device: Optional[str] = None,
                    parallelize: bool = False, dtype: str = "auto", **kwargs: Any) -> Any:
     """HFLM over a saved checkpoint; ``parallelize=True`` splits it across the visible GPUs."""
-    from lm_eval.models.huggingface import HFLM
+    HFLM = require_extra("lm_eval.models.huggingface", "bench").HFLM
 
     if parallelize:
         return HFLM(pretrained=str(path), batch_size=batch_size, parallelize=True, dtype=dtype, **kwargs)

@@ -15,6 +15,7 @@ from torch import nn
 
 from rocoft_pl import RoCoFT, RoCoFTConfig
 from rocoft_pl.adapter import hf_model_in
+from rocoft_pl.extras import require_extra
 from rocoft_pl.inject import block_prefixes, find_heads, find_targets, rocoft_layers
 
 PEFT_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "vera", "loha", "lokr")
@@ -109,7 +110,7 @@ def _feedforward(model: nn.Module, suffixes: list[str]) -> list[str]:
 
 def peft_config(method: str, model: nn.Module, total_steps: Optional[int] = None, **params: Any) -> Any:
     """A peft config for ``method`` on the same targets RoCoFT adapts (or ``targets``: module-name suffixes)."""
-    import peft
+    peft = require_extra("peft", "bench")
 
     task_type = _task_type(model)
     targets = list(params.get("targets") or target_suffixes(model))
@@ -179,7 +180,7 @@ class MethodCallback(pl.Callback):
                 in_head = any(f".{h}." in f".{name}" for h in heads)
                 p.requires_grad_(self.method == "full" or in_head or name.endswith("bias"))
         else:
-            import peft
+            peft = require_extra("peft", "bench")
 
             steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
             config = peft_config(self.method, model, total_steps=steps, **self.params)

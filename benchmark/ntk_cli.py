@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from rocoft_pl.extras import require_extra
+
 DEFAULTS: dict[str, Any] = {
     "model": None,
     "f": "mlm",  # mlm | classifier | embedding
@@ -156,7 +158,7 @@ def load_rows(data: str, subset: Optional[str], split: Optional[str], encoding: 
     """Rows of a local file (pandas) or of a hub dataset split (datasets, imported lazily)."""
     path = Path(data)
     if path.exists():
-        import pandas as pd
+        pd = require_extra("pandas", "bench")
 
         suffix = path.suffix.lower()
         if suffix in (".csv", ".tsv"):
@@ -166,7 +168,7 @@ def load_rows(data: str, subset: Optional[str], split: Optional[str], encoding: 
         else:
             raise SystemExit(f"unsupported local data file {path} (csv, tsv, json, jsonl)")
         return df.to_dict("records")
-    from datasets import load_dataset
+    load_dataset = require_extra("datasets", "bench").load_dataset
 
     return list(load_dataset(data, subset, split=split or "train", revision=revision))
 
@@ -218,7 +220,8 @@ def build_sets(model, cfg: dict[str, Any]):
         elif name != "lora":
             raise SystemExit(f"unknown parameter set {name!r} (full, rows, columns, lora)")
     if "lora" in cfg["sets"]:
-        from peft import LoraConfig, get_peft_model
+        peft = require_extra("peft", "bench")
+        LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
         old = dict(model.named_parameters())
         torch.manual_seed(0)  # LoRA's A is random and its kernel depends on it: the same A every run

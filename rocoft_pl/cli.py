@@ -21,126 +21,44 @@ skips it. A datamodule with ``preflight()`` is built once more for the check: it
 A bad input (a missing data file, a value a class refuses) ends with one line, ``rocoft: error: <cause>``,
 exit status 1, and the path of a file holding the full traceback; ``ROCOFT_VERBOSE=1`` (or ``rocoft --verbose
 fit ...``, before the subcommand) prints the traceback instead. jsonargparse's usage errors (unknown keys,
-values of the wrong type) keep their own short message and status 2.
+values of the wrong type) keep their own short message and status 2. A missing optional package is such a line
+too, naming the extra to install (``rocoft_pl.extras``).
+
+This module imports no Lightning: ``rocoft --help`` is printed from ``top_level_parser`` at once, and the
+LightningCLI subclass lives in ``rocoft_pl.lightning_cli``, imported when a subcommand runs.
 """
 
 from __future__ import annotations
 
-import importlib
+import argparse
 import os
 import sys
 import tempfile
 import traceback
-from pathlib import Path
-from typing import Any, Callable, Optional
-
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing import Any, Optional, Sequence
 
 from . import preflight
-from .batching import GlobalBatchSize, split_global_batch
+from .extras import MissingExtraError
+
+# What LightningCLI's top-level help lists, and our export-lora: ``rocoft --help`` prints it without importing
+# Lightning (seconds); ``rocoft SUBCOMMAND --help`` is LightningCLI's own. tests/test_light_core.py checks that it
+# names every option and subcommand of LightningCLI's.
+SUBCOMMAND_HELP = {
+    "fit": "Runs the full optimization routine.",
+    "validate": "Perform one evaluation epoch over the validation set.",
+    "test": "Perform one evaluation epoch over the test set.",
+    "predict": "Run inference on the data (a datamodule with write_predictions() writes files into the log dir).",
+    "export-lora": "Write a saved RoCoFT adapter as a PEFT LoRA adapter (rocoft_pl.export).",
+}
 
 
-def _resolve_pretrained(name: Any) -> Any:
-    """``pkg:<module>`` as a directory; unchanged when that fails, so that the preflight reports it together
-    with every other missing input (and the model's constructor raises it when the preflight is skipped)."""
-    from .modules.classification import resolve_pretrained
+def __getattr__(name: str) -> Any:
+    """``from rocoft_pl.cli import RoCoFTCLI`` as before the split (rocoft_pl.lightning_cli)."""
+    if name == "RoCoFTCLI":
+        from .lightning_cli import RoCoFTCLI
 
-    try:
-        return resolve_pretrained(name) if isinstance(name, str) else name
-    except ValueError:
-        return name
-
-
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-def _parser_kwargs() -> dict[str, Any]:
-    """A one-line usage per subcommand: argparse prints the usage before every error, and the generated one
-    lists every option of the Trainer, model and data (50 lines above a one-line error). ``--help`` still
-    lists them all."""
-    kwargs: dict[str, Any] = {"default_env": False}
-    for sub in SUBCOMMANDS:
-        kwargs[sub] = {"default_env": False, "usage": f"rocoft {sub} [--config CONFIG] [--<key> VALUE ...] (see rocoft {sub} --help)"}
-    return kwargs
-
-
-class RoCoFTCLI(LightningCLI):
-    """LightningCLI in subclass mode for model and data, with RoCoFT's links and defaults."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("seed_everything_default", 42)
-        kwargs.setdefault("parser_kwargs", _parser_kwargs())
-        super().__init__(*args, **kwargs)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments(
-            "model.init_args.model_name_or_path",
-            "data.init_args.tokenizer_name_or_path",
-            compute_fn=_resolve_pretrained,
-        )
-        parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
-        # Rows per optimizer step over all devices (``global_batch: {size: N}`` / ``--global_batch.size N``):
-        # a callback that LightningCLI adds to the Trainer; off unless a size is given.
-        parser.add_lightning_class_args(GlobalBatchSize, "global_batch")
-
-    def before_instantiate_classes(self) -> None:
-        """The preflight: every problem with the model and the data in one ``PreflightError``, before the model
-        class (whose constructor loads the weights) is built."""
-        if preflight.skipped():
-            return
-        model_args = _init_args(self._get(self.config, "model"))
-        problems, notes = preflight.collect([lambda: preflight.model_config_problems(model_args),
-                                             _datamodule_check(self._get(self.config, "data")),
-                                             lambda: _global_batch_check(self.config.get(str(self.subcommand), self.config))])
-        if any("(offline)" in p for p in problems) and preflight.hub_offline():
-            notes.append(preflight.offline_note())
-        preflight.raise_if_problems(problems, notes)
-
-    def predict(self, model: Any, datamodule: Any = None, **kwargs: Any) -> Any:
-        predictions = self.trainer.predict(model, datamodule=datamodule, **kwargs)
-        writer = getattr(datamodule, "write_predictions", None)
-        if predictions is not None and callable(writer):
-            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions"
-            for path in writer(predictions, out_dir):
-                print(f"predictions written to {path}")
-        return predictions
-
-
-def _init_args(config: Any) -> dict[str, Any]:
-    """A class's parsed ``init_args`` as a plain dict (empty when the config gives none)."""
-    args = config.get("init_args") if hasattr(config, "get") else None
-    if args is None:
-        return {}
-    return args.as_dict() if hasattr(args, "as_dict") else dict(args)
-
-
-def _global_batch_check(config: Any) -> None:
-    """``global_batch.size`` against the devices the trainer config names (GlobalBatchSize checks again at setup,
-    where the world size is known for sure: ``devices: auto`` is not checked here)."""
-    size = config.get("global_batch", {}).get("size")
-    trainer = config.get("trainer", {})
-    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
-    world = len(devices) if isinstance(devices, (list, tuple)) else devices
-    if isinstance(world, str) and world.isdigit():  # the Trainer's devices type parses "8" as a string
-        world = int(world)
-    if size is None or isinstance(world, bool) or not isinstance(world, int) or world < 1 or not isinstance(nodes, int):
-        return
-    most = _init_args(config.get("data", {})).get("batch_size")
-    split_global_batch(size, world * nodes, most if isinstance(most, int) and most > 0 else size)
-
-
-def _datamodule_check(config: Any) -> Callable[[], Any]:
-    """Build the configured datamodule and call its ``preflight()`` (duck typing: rocoft_pl imports no
-    datamodule); nothing for a class without one."""
-    class_path = config.get("class_path") if hasattr(config, "get") else None
-    if not class_path:
-        return lambda: None
-    module, _, name = str(class_path).rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None)
-    if not callable(getattr(cls, "preflight", None)):
-        return lambda: None
-    return lambda: cls(**_init_args(config)).preflight()
+        return RoCoFTCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 VERBOSE_ENV = "ROCOFT_VERBOSE"
@@ -150,7 +68,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a bad config, path or value raises: reported in one line. Anything else is a bug: full traceback."""
-    errors: list[type[BaseException]] = [OSError, ValueError, TypeError, KeyError]
+    errors: list[type[BaseException]] = [OSError, ValueError, TypeError, KeyError, MissingExtraError]
     try:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -177,7 +95,7 @@ def root_cause(err: BaseException) -> BaseException:
     """The innermost explicitly chained cause (``raise ... from``) that still says something: jsonargparse wraps
     a class's own error in "Does not validate against any of the Union subtypes", Lightning may wrap too."""
     seen = {id(err)}
-    while err.__cause__ is not None and id(err.__cause__) not in seen and str(err.__cause__):
+    while not isinstance(err, MissingExtraError) and err.__cause__ is not None and id(err.__cause__) not in seen and str(err.__cause__):
         err = err.__cause__
         seen.add(id(err))
     return err
@@ -187,7 +105,7 @@ def error_message(err: BaseException, max_lines: int = 6) -> str:
     """The root cause's message, short: a DataLoader worker's embedded traceback is cut to its last line."""
     cause = root_cause(err)
     message = str(cause).strip()
-    if not isinstance(cause, (OSError, ValueError, TypeError)) or not message:
+    if not isinstance(cause, (OSError, ValueError, TypeError, MissingExtraError)) or not message:
         message = f"{type(cause).__name__}: {message}".rstrip(": ")
     if "Original Traceback" in message:  # torch re-raises a worker's error with the worker's traceback inside
         head, _, tail = message.partition("Original Traceback")
@@ -211,16 +129,50 @@ def _write_traceback(err: BaseException, args: Any) -> Optional[str]:
         return None
 
 
+def wants_top_level_help(argv: Sequence[str]) -> bool:
+    """``-h``/``--help`` before any subcommand (where argparse, too, prints the top-level help)."""
+    for arg in argv:
+        if arg in SUBCOMMAND_HELP:
+            return False
+        if arg in ("-h", "--help"):
+            return True
+    return False
+
+
+def top_level_parser() -> argparse.ArgumentParser:
+    """LightningCLI's top-level options and subcommands plus ours, for ``rocoft --help`` only."""
+    parser = argparse.ArgumentParser(
+        prog="rocoft",
+        description="RoCoFT fine-tuning: Lightning's CLI with any LightningModule / LightningDataModule chosen by "
+        "class_path, the RoCoFT callback (trainer.callbacks), a preflight of the model and data, and export-lora.",
+        epilog="`rocoft SUBCOMMAND --help` lists a subcommand's options (the Trainer's, the model's, the data's).",
+    )
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"on an error, print the full traceback (or {VERBOSE_ENV}=1); before the subcommand")
+    parser.add_argument("-c", "--config", help="Path to a configuration file in json or yaml format.")
+    parser.add_argument("--print_config", nargs="?", metavar="=flags",
+                        help="Print the configuration after applying all other arguments and exit.")
+    subcommands = parser.add_subparsers(title="subcommands", metavar="SUBCOMMAND")
+    for name, text in SUBCOMMAND_HELP.items():
+        subcommands.add_parser(name, help=text)
+    return parser
+
+
 def main(args: Any = None) -> None:
     args, verbose = _take_verbose_flag(args)
     verbose = verbose or os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
+    argv = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else []
+    if wants_top_level_help(argv):  # before the try: its except clause would import Lightning
+        top_level_parser().print_help()
+        raise SystemExit(0)
     try:
-        argv = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else []
         if argv[:1] == [EXPORT_LORA]:  # not a Lightning subcommand: its own argparse parser
             from .export import main as export_lora_main
 
             export_lora_main(argv[1:])
         else:
+            from .lightning_cli import RoCoFTCLI
+
             RoCoFTCLI(args=args)
     except _user_errors() as err:
         if verbose:

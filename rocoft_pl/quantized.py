@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import nn
 
+from .extras import require_extra
+
 if TYPE_CHECKING:
     from .layers import RoCoFTLinear
 
@@ -503,7 +505,7 @@ def _block_linears(model: nn.Module, skip_modules: Optional[list[str]] = None) -
 
 def _bnb_linear(linear: nn.Linear, kind: str, compute_dtype: Any, quant_storage: Any) -> nn.Module:
     """A bitsandbytes layer holding ``linear``'s weights, quantized on ``linear``'s device."""
-    import bitsandbytes as bnb
+    bnb = require_extra("bitsandbytes", "quant")
 
     device, has_bias = linear.weight.device, linear.bias is not None
     if kind == "int8":
@@ -556,7 +558,7 @@ def quantize_linear(
     check_kind(kind)
     if kind in BNB_KINDS:
         return _bnb_linear(linear, kind, compute_dtype, quant_storage)
-    import torchao.quantization as tq
+    tq = require_extra("torchao.quantization", "quant")
 
     if kind == "torchao-int8":
         config = tq.Int8WeightOnlyConfig()

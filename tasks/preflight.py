@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from rocoft_pl.extras import require_extra
 from rocoft_pl.preflight import hub_access_problem
 
 DATA_FILES_FLAG = "--data.init_args.data_files"
@@ -22,21 +23,19 @@ DATA_FILES_FLAG = "--data.init_args.data_files"
 
 def datasets_offline() -> bool:
     """What ``load_dataset`` obeys: HF_DATASETS_OFFLINE when set, else HF_HUB_OFFLINE (read at import)."""
-    import datasets.config
-
-    return bool(datasets.config.HF_HUB_OFFLINE)
+    config = require_extra("datasets.config", "tasks")
+    return bool(config.HF_HUB_OFFLINE)
 
 
 def datasets_cache(cache_dir: Optional[str] = None) -> Path:
-    import datasets.config
-
-    return Path(cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser()
+    config = require_extra("datasets.config", "tasks")
+    return Path(cache_dir or config.HF_DATASETS_CACHE).expanduser()
 
 
 def cached_splits(path: str, config: Optional[str], cache_dir: Optional[str] = None) -> Optional[set[str]]:
     """The splits of the newest prepared copy of hub dataset ``path`` (``config``; any config when None) in the
     datasets cache; None when there is none. An empty set: cached, splits not recorded."""
-    from datasets.naming import camelcase_to_snakecase
+    camelcase_to_snakecase = require_extra("datasets.naming", "tasks").camelcase_to_snakecase
 
     parts = path.split("/")
     parts[-1] = camelcase_to_snakecase(parts[-1])

@@ -40,6 +40,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from rocoft_pl.extras import require_extra
 from rocoft_pl.preflight import PreflightError, offline_note, skipped
 
 IGNORE_INDEX = -100
@@ -485,7 +486,7 @@ class ReasoningDataModule(pl.LightningDataModule):
 
     def raw_rows(self, name: str, purpose: str) -> list[dict[str, Any]]:
         """The raw rows of ``name`` for ``purpose`` ('train' or 'eval')."""
-        import datasets
+        datasets = require_extra("datasets", "tasks")
 
         files, split = self._source(name, purpose)
         if files is not None:

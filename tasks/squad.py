@@ -29,6 +29,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from rocoft_pl.extras import require_extra
+
 from .loaders import task_loader
 from .local_files import LOCAL_FORMATS, data_suffix, local_data_files
 
@@ -259,7 +261,7 @@ class SquadDataModule(pl.LightningDataModule):
         return f"split {split!r} of {self.dataset}"
 
     def _load_split(self, split: str, path: Optional[str]) -> Any:
-        import datasets
+        datasets = require_extra("datasets", "tasks")
 
         if path is None:
             return None
@@ -275,7 +277,7 @@ class SquadDataModule(pl.LightningDataModule):
     def _load(self) -> None:
         if self._raw is not None:
             return
-        import datasets
+        datasets = require_extra("datasets", "tasks")
 
         if self.data_files is not None:
             raw = {s: self._load_split(s, self.data_files.get(s)) for s in (self.train_split, self.val_split)}

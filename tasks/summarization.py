@@ -20,6 +20,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from rocoft_pl.extras import require_extra
+
 from .loaders import task_loader
 from .local_files import LOCAL_FORMATS, data_suffix, local_data_files
 
@@ -117,7 +119,7 @@ class SummarizationDataModule(pl.LightningDataModule):
     def _load(self) -> None:
         if self._raw is not None:
             return
-        import datasets
+        datasets = require_extra("datasets", "tasks")
 
         if self.data_files is not None:
             first = Path(next(iter(self.data_files.values())))

@@ -17,6 +17,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from rocoft_pl.extras import require_extra
+
 from .loaders import task_loader
 from .local_files import LOCAL_FORMATS, check_data_files, data_suffix
 
@@ -182,7 +184,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         check_data_files(self.data_files)
 
     def _load_raw(self) -> Any:
-        import datasets
+        datasets = require_extra("datasets", "tasks")
 
         if self.data_files is not None:
             first = Path(next(iter(self.data_files.values())))
@@ -213,7 +215,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         """Load, check columns, drop labels, carve validation, fix the label mapping (once)."""
         if self._raw is not None:
             return
-        import datasets
+        datasets = require_extra("datasets", "tasks")
 
         raw = self._load_raw()
         wanted = {self.train_split, *self.val_splits, *self.predict_splits}
@@ -256,7 +258,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self._raw = raw
 
     def _fix_labels(self, raw: Any) -> None:
-        import datasets
+        datasets = require_extra("datasets", "tasks")
 
         if self.regression:
             return
@@ -285,7 +287,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         return list(self.labels)
 
     def _int_labels(self, ds: Any) -> bool:
-        import datasets
+        datasets = require_extra("datasets", "tasks")
 
         feature = ds.features[self.label_field]
         return isinstance(feature, datasets.ClassLabel) or getattr(feature, "dtype", "").startswith("int")
@@ -324,7 +326,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         self._load()
         if self._tokenized is None:
-            import datasets
+            datasets = require_extra("datasets", "tasks")
 
             self._tokenized = datasets.DatasetDict({s: self._encode(s, ds) for s, ds in self._raw.items()})
         if stage == "fit":

@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from ..extras import require_extra
 from .classification import resolve_pretrained
 from .optim import check_scheduler, configure_adamw
 
@@ -371,7 +372,7 @@ class CausalLMModule(pl.LightningModule):
 
     def _build_empty(self) -> nn.Module:
         """The architecture with parameters on the meta device (buffers such as RoPE frequencies stay real)."""
-        from accelerate import init_empty_weights
+        init_empty_weights = require_extra("accelerate", "tasks").init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         hp = self.hparams

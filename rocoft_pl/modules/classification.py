@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from ..extras import require_extra
 from .optim import check_scheduler, configure_adamw
 
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
@@ -53,7 +54,7 @@ def resolve_pretrained(name_or_path: str) -> str:
 
 
 def build_metric(name: str, num_labels: int) -> nn.Module:
-    import torchmetrics
+    torchmetrics = require_extra("torchmetrics", "tasks")
 
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; choose from {METRICS}")

@@ -33,6 +33,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from ..extras import require_extra
 from .classification import resolve_pretrained
 from .optim import check_scheduler, configure_adamw
 
@@ -50,7 +51,7 @@ def split_sentences(text: str) -> str:
 
 def rouge_scores(predictions: Sequence[str], references: Sequence[str], rouge_keys: Sequence[str] = ROUGE_KEYS, use_stemmer: bool = True) -> dict[str, float]:
     """Mean F-measure per ROUGE key over the pairs (rouge_score.RougeScorer, one score per pair)."""
-    from rouge_score import rouge_scorer
+    rouge_scorer = require_extra("rouge_score.rouge_scorer", "tasks")
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")

@@ -12,13 +12,13 @@ from typing import Optional, Union
 
 import torch
 
+from ..extras import require_extra
 from .compare import eigenspectrum
 from .kernel import scalar_kernel
 
 
 def _plt():
-    import matplotlib
-
+    matplotlib = require_extra("matplotlib", "ntk")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
