@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from rocoft_pl.extras import require_extra
+
 from .cell_store import ClusterPaths, cell_record, cluster_paths, collect, finished_hashes, read_json, write_json_atomically
 from .cluster_resources import CellResources, cell_resources, slurm_parameters
 from .grid import Cell, Grid, GridError
@@ -90,7 +92,7 @@ def _job(grid: Grid, cell: Cell, paths: ClusterPaths, options: LauncherOptions, 
 
 def _executor(options: LauncherOptions, paths: ClusterPaths, res: CellResources, grid: Grid,
               gpus: Optional[list[int]] = None) -> Any:
-    import submitit
+    submitit = require_extra("submitit", "bench")
 
     folder = paths.submitit / "%j"
     if options.kind == "slurm":

@@ -28,8 +28,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import submitit
-from submitit.helpers import Checkpointable, DelayedSubmission
+from rocoft_pl.extras import require_extra
+
+submitit = require_extra("submitit", "bench")  # a missing package names its extra
+from submitit.helpers import Checkpointable, DelayedSubmission  # noqa: E402
 
 from .cell_env import cell_env
 from .cell_store import read_json, write_json_atomically

@@ -54,7 +54,7 @@ def test_extras_in_pyproject_match_this_test():
     assert [re.split(r"[<>=\[]", d)[0] for d in core] == ["torch", "lightning", "transformers", "safetensors", "jsonargparse"]
     for extra, modules in EXTRA_MODULES.items():
         names = {re.split(r"[<>=\[;]", d)[0].replace("-", "_") for d in extras[extra]}
-        assert set(modules) - {"submitit"} <= names, (extra, names)  # submitit: the SLURM launcher's, when merged
+        assert set(modules) <= names, (extra, names)
     assert extras["all"] == ["rocoft-pl[tasks,ntk,bench,quant]"]
 
 
