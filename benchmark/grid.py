@@ -5,6 +5,7 @@ A grid YAML:
     name: demo
     base_config: configs/demo/base.yaml     # a LightningCLI config (model, data, trainer), no method
     seeds: [0, 1]
+    seed_keys: [data.init_args.seed]        # more keys that get the cell's seed (seed_everything always does)
     overrides: {trainer.max_steps: 200}     # dotted keys into the config, for every cell
     models:  {minilm: {overrides: {}}}
     tasks:
@@ -43,7 +44,9 @@ import yaml
 from .launcher_options import from_mapping
 from .methods import METHODS
 
-GRID_KEYS = {"name", "base_config", "results", "seeds", "overrides", "models", "tasks", "methods", "timeout_s", "launcher"}
+GRID_KEYS = {
+    "name", "base_config", "results", "seeds", "seed_keys", "overrides", "models", "tasks", "methods", "timeout_s", "launcher",
+}
 
 
 class GridError(ValueError):
@@ -129,6 +132,16 @@ def _unique_seeds(seeds: Any, where: str) -> list[int]:
     return list(seeds)
 
 
+def _seed_keys(value: Any, where: str) -> list[str]:
+    """Dotted config keys set to the cell's seed besides ``seed_everything``: seeds a component keeps apart from
+    the global RNG (a DataModule's sampling and shuffling seed), without which two seeds could run identically."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(k, str) and k and not k.startswith(".") for k in value):
+        raise ValueError(f"{where} must be a list of dotted config keys (e.g. data.init_args.seed), got {value!r}")
+    return list(value)
+
+
 def _section(spec: dict[str, Any], key: str, where: str) -> dict[str, dict[str, Any]]:
     value = spec.get(key)
     if not isinstance(value, dict) or not value:
@@ -157,6 +170,7 @@ def load_grid(path: Union[str, Path], seeds: Optional[list[int]] = None) -> Grid
         base = load_yaml(Path(base_path)) or {}
     override = seeds is not None
     seeds = _unique_seeds(list(seeds) if override else spec.get("seeds", [0]), "--seeds" if override else f"{path}: 'seeds'")
+    seed_keys = _seed_keys(spec.get("seed_keys"), f"{path}: 'seed_keys'")
     models = _section(spec, "models", str(path))
     tasks = _section(spec, "tasks", str(path))
     methods = _section(spec, "methods", str(path))
@@ -192,6 +206,8 @@ def load_grid(path: Union[str, Path], seeds: Optional[list[int]] = None) -> Grid
                         for key, value in (overrides or {}).items():
                             set_dotted(config, key, value)
                     config["seed_everything"] = seed
+                    for key in seed_keys:  # after the overrides: the cell's seed wins
+                        set_dotted(config, key, seed)
                     params = {**task_params.get(m["method"], {}), **(m.get("params") or {})}
                     cells.append(
                         Cell(
