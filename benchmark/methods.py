@@ -56,10 +56,14 @@ def head_names(model: nn.Module) -> list[str]:
 
 
 def count_params(model: nn.Module, heads: list[str]) -> ParamCounts:
-    """Trainable parameters split into head (any name under a head module) and everything else."""
+    """Trainable parameters split into head (any name under a head module) and everything else. A packed 4-bit
+    weight counts as the (out x in) parameters it stands for, so totals agree across quantized and plain bases."""
+    from rocoft_pl.quantized import logical_numels
+
+    logical = logical_numels(model)
     adapter = head = total = 0
     for name, p in model.named_parameters():
-        total += p.numel()
+        total += logical.get(id(p), p.numel())
         if not p.requires_grad:
             continue
         if any(f".{h}." in f".{name}" for h in heads):
@@ -142,6 +146,17 @@ def peft_config(method: str, model: nn.Module, total_steps: Optional[int] = None
     return adapters[method]()
 
 
+def keep_4bit_training_kernel(model: nn.Module) -> None:
+    """Over bitsandbytes 4-bit layers (QLoRA): keep the kernel RoCoFT keeps (``keep_trainable_layout``). On a CPU
+    with AVX512-BF16, bitsandbytes otherwise repacks each layer for a bf16 inference kernel at the first eval
+    forward: a validation would then score LoRA with another kernel than RoCoFT on the same base, and the next
+    training step would fail (that layout has no backward)."""
+    from rocoft_pl.quantized import _bnb_layer, keep_trainable_layout
+
+    if any(_bnb_layer(m) == "Linear4bit" for m in model.modules()):
+        keep_trainable_layout(model)
+
+
 def _hf_attribute(pl_module: pl.LightningModule) -> str:
     """The attribute of the LightningModule that holds the HF model (PEFT replaces it with a wrapper)."""
     model = hf_model_in(pl_module)
@@ -184,6 +199,7 @@ class MethodCallback(pl.Callback):
 
             steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
             config = peft_config(self.method, model, total_steps=steps, **self.params)
+            keep_4bit_training_kernel(model)
             model = peft.get_peft_model(model, config)
             setattr(pl_module, attr, model)
         self.counts = count_params(model, heads)
