@@ -150,12 +150,20 @@ def test_each_method_cell_sets_up_and_trains_on_the_grids_loading_path(grid, key
 
 
 def test_efficiency_on_a_tiny_causal_lm_reports_rocoft_against_qlora(tmp_path):
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
     from benchmark.cli import main
-    from benchmark.efficiency import QLORA_R8_LIMIT, build_base, make_batch
+    from benchmark.efficiency import QLORA_R8_LIMIT, build_base, build_method, make_batch
+    from rocoft_pl.quantized import quantize_in_memory
 
     base = build_base("llama-tiny-config")
     batch = make_batch(base, 2, 8, torch.device("cpu"))
     assert torch.equal(batch["labels"], batch["input_ids"])  # next-token labels
+    # lora-r8 over the quantized base is QLoRA: peft's LoRA layers over the bitsandbytes Linear4bit layers
+    qlora = build_method("lora-r8", quantize_in_memory(build_base("llama-tiny-config"), "nf4", compute_dtype=torch.float32))
+    lora_layers = [m for m in qlora.model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert len(lora_layers) == 14 and all(isinstance(m, LoraLinear4bit) for m in lora_layers)
+    assert all(".lora_" in n for n, p in qlora.model.named_parameters() if p.requires_grad)
     methods = "floor,rocoft-row-r3,rocoft-column-r3,lora-r8"
     argv = ["efficiency", "--model", "llama-tiny-config", "--batch-size", "2", "--seq-len", "16", "--repeats", "2",
             "--warmup", "0", "--device", "cpu", "--threads", "1", "--quantize", "nf4", "--methods", methods,
