@@ -202,10 +202,9 @@ def build_method(name: str, base: nn.Module) -> Method:
 
 # ------------------------------------------------------------------------------------------ measuring
 def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a causal LM (trained on next-token labels) rather than a sequence classifier."""
-    from .methods import _task_type
-
-    return _task_type(model) == "CAUSAL_LM"
+    """Whether ``model`` is a causal LM (trained on next-token labels) rather than a sequence classifier. By class
+    name, as benchmark.methods tells peft's task types (not imported: it brings Lightning)."""
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def make_batch(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
