@@ -151,10 +151,9 @@ def keep_4bit_training_kernel(model: nn.Module) -> None:
     with AVX512-BF16, bitsandbytes otherwise repacks each layer for a bf16 inference kernel at the first eval
     forward: a validation would then score LoRA with another kernel than RoCoFT on the same base, and the next
     training step would fail (that layout has no backward)."""
-    from rocoft_pl.quantized import _bnb_layer, keep_trainable_layout
+    from rocoft_pl.quantized import keep_trainable_layout
 
-    if any(_bnb_layer(m) == "Linear4bit" for m in model.modules()):
-        keep_trainable_layout(model)
+    keep_trainable_layout(model)  # touches bitsandbytes 4-bit layers only
 
 
 def _hf_attribute(pl_module: pl.LightningModule) -> str:

@@ -115,6 +115,8 @@ def test_each_method_cell_sets_up_and_trains_on_the_grids_loading_path(grid, key
     assert len(quantized) == (14 if key in NF4 else 0)
     assert all(quantization_kind(m) == "bnb-nf4" and m.compute_dtype == torch.float32 for m in quantized.values())
     w0 = {n: dequantized_weight(m).clone() for n, m in quantized.items()}
+    for m in quantized.values():
+        m.support_avx512bf16_for_cpu = True  # as on a CPU that has it: the method must turn the repack off
     callback = method_callback(cell.method, **cell.method_params)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[callback])
