@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 SUBCOMMANDS = (
     "benchmark.efficiency", "benchmark.grid_cli", "benchmark.ntk_cli", "benchmark.lm_eval", "benchmark.memory",
-    "benchmark.adapter_diff",
+    "benchmark.adapter_diff", "benchmark.adapters_bench",
 )
 
 
