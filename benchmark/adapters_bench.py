@@ -291,8 +291,6 @@ class Settings:
 
 def run_model(name: str, settings: Settings, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Every measurement on model ``name``: the swap and mixed rows, the targets and the raw times."""
-    if min(settings.counts) < 1 or settings.batch_size < max(settings.counts):
-        raise ValueError(f"adapter counts must be >= 1 and at most the batch size ({settings.batch_size}), got {settings.counts}")
     base = load_base(name, overrides)
     count = max(2, *settings.counts)
     inputs = make_inputs(base, settings.batch_size, settings.seq_len)
@@ -345,6 +343,8 @@ def run(
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    if not settings.counts or min(settings.counts) < 1 or settings.batch_size < max(settings.counts):
+        raise ValueError(f"adapter counts must be >= 1 and at most the batch size ({settings.batch_size}), got {settings.counts}")
     if threads is not None:
         torch.set_num_threads(threads)
     import peft
