@@ -406,6 +406,8 @@ def main(args: argparse.Namespace) -> int:
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     hf_logging.disable_progress_bar()  # save_pretrained / from_pretrained bars, once per reload
+    # PEFT's save_pretrained looks for a config.json next to a GGUF base (SmolLM2) to check the vocabulary: not ours.
+    warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     settings = Settings(
         counts=tuple(int(c) for c in args.adapters.split(",") if c.strip()), mode=args.mode, rank=args.rank,

@@ -695,6 +695,17 @@ class RoCoFTLinear(nn.Module):
         self.disabled = False  # disable_adapter: the base's outputs
         self._merged: Optional[_Merged] = None
 
+    # The layer's switching state: plain Python values (a name, a flag, a merge record), never parameters, buffers
+    # or modules, so they are set without nn.Module.__setattr__'s registry checks: switching adapters sets them in
+    # every layer, and those checks cost as much as the tensor work of a merged swap.
+    _STATE = frozenset({"active_adapter", "disabled", "_merged", "mixed"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in RoCoFTLinear._STATE:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # -- the active adapter -------------------------------------------------------------------------------
     @property
     def adapter(self) -> RoCoFTDelta:

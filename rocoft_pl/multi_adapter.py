@@ -196,8 +196,9 @@ def mixed_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module
     """``with mixed_adapters(model, names):`` each example of the next batches computes with its own adapter:
     ``names`` holds one adapter name per example (``"__base__"``: the base model, as ``disable_adapter``). What
     PEFT's ``model(**batch, adapter_names=...)`` does, for any model's forward. Nothing is merged or copied:
-    every RoCoFT layer adds to the base's output, per adapter, that adapter's row / column terms on its examples
-    (one product per adapter, not per example). Inference only (under ``torch.no_grad()`` /
+    every RoCoFT layer adds to the base's output each example's own row / column terms: when the adapters in the
+    batch share a mode and rank, one batched product per layer for all of them (each example's r rows / columns
+    gathered); otherwise one product per adapter on its examples. Inference only (under ``torch.no_grad()`` /
     ``torch.inference_mode()``; the fused training path is untouched). Refused: unknown names, adapters of mode
     'entries', a merged model, inside ``disable_adapter`` or another ``mixed_adapters``; a forward whose batch
     size differs from ``len(names)`` raises. Afterwards, also after an exception, each layer is as it was."""
