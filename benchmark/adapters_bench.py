@@ -8,7 +8,8 @@ Swap: one switch from adapter A to B (timed as A -> B and B -> A alternately; me
 
     rocoft-merged        swap_merged_adapter: W0's saved rows back, B's rows merged (r rows per matrix)
     rocoft-unmerged      set_adapter (a name change in each layer)
-    reload               what a user without hot swap does: from_pretrained of the base + load_adapter
+    reload               what a user without hot swap does: from_pretrained of the base + load_adapter (every
+                         weight read once: from_pretrained maps safetensors lazily; the files in the page cache)
     peft-set-adapter     PeftModel.set_adapter (unmerged LoRA)
     peft-hotswap         peft.utils.hotswap.hotswap_adapter: B's weights read from its directory into A's place
     peft-hotswap-memory  hotswap_adapter_from_state_dict: the same with B's state dict already in memory
@@ -183,13 +184,26 @@ def time_swaps(methods: dict[str, SwapMethod], repeats: int) -> dict[str, list[f
     return times
 
 
+@torch.no_grad()
+def touch_weights(model: nn.Module) -> float:
+    """Read one value per 4 KiB of every parameter and buffer. ``from_pretrained`` maps safetensors files lazily,
+    so without this a reload would be timed before the weights are read (the first forward reads them)."""
+    step = max(1, 4096 // 4)
+    total = 0.0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and t.numel():
+            total += float(t.detach().reshape(-1)[::step].sum())
+    return total
+
+
 def time_reload(load: Callable[[], nn.Module], adapter_dir: Path, repeats: int) -> list[float]:
-    """Seconds to load the base and the adapter anew (the model is dropped after each)."""
+    """Seconds to load the base and the adapter anew, every weight read once (the model is dropped after each)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         model = load()
         load_adapter(model, adapter_dir)
+        touch_weights(model)
         times.append(time.perf_counter() - start)
         del model
         gc.collect()
