@@ -22,7 +22,8 @@ Mixed: one forward of a batch whose examples name their adapter (example i uses 
 Methods are timed interleaved (each round runs every method once, in a rotated order), so that drift of a shared
 machine hits them alike; the reload runs ``--reload-repeats`` times after the rounds. Writes adapters_swap.csv,
 adapters_mixed.csv and adapters.json (setup, both tables, every time, the issue's targets as ratios) into
-``--output-dir``, rewritten atomically after each model.
+``--output-dir``, rewritten atomically after each model. Each model is held twice (RoCoFT's and PEFT's copy of the
+same weights): llama-1b-config needs about 11 GB of memory.
 """
 
 from __future__ import annotations
