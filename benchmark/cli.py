@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "memory": ("benchmark.memory", "estimated GPU memory per device for the paper's LLMs under FSDP"),
     "adapter-diff": ("benchmark.adapter_diff",
                      "compare two saved RoCoFT adapters (same indices, how close the deltas are)"),
+    "adapters": ("benchmark.adapters_bench",
+                 "adapter swap time (merged, unmerged, reload, PEFT hot swap) and mixed-batch throughput vs PEFT LoRA"),
     "collect": ("benchmark.cluster_cli", "rebuild a grid's results.jsonl from its cell record files (cluster launchers)"),
     "status": ("benchmark.cluster_cli", "pending / running / done / failed per cell of a grid run by a cluster launcher"),
 }

@@ -615,8 +615,16 @@ def load_adapter(
     if adapter_name is None:
         adapter_name = next(iter(rocoft_layers(backbone).values())).active_adapter if existing else DEFAULT_ADAPTER
     adding = bool(existing) and adapter_name not in existing
+    shares = bool(metadata["trained_biases"] or metadata["saved_modules"])
     if adding:
-        check_addable(backbone, adapter_name, bool(metadata["trained_biases"] or metadata["saved_modules"]))
+        check_addable(backbone, adapter_name, shares)
+    others = [n for n in existing if n != adapter_name]
+    if shares and others and not adding:
+        raise ValueError(
+            f"adapter at {path} trains biases or heads: loading it over adapter {adapter_name!r} would change those "
+            f"weights of the base for the model's other adapters {others} too. Several adapters on one base train "
+            "only their deltas (train_bias=False, modules_to_save=[]); load it onto a model of its own"
+        )
     overwritten = adapter_name if adapter_name in existing else None
     load, skipped, unadapted = _match_targets(backbone, metadata, tensors, config, allow_partial, path, overwritten)
     if adding and set(load) != set(rocoft_layers(backbone)):

@@ -29,8 +29,27 @@ AUTO_HEADS = ("classifier", "score", "qa_outputs", "classification_head")
 
 
 def rocoft_layers(model: nn.Module) -> dict[str, RoCoFTLinear]:
-    """Every RoCoFTLinear in ``model`` by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, RoCoFTLinear)}
+    """Every RoCoFTLinear in ``model`` by qualified name, in ``named_modules`` order (a module reachable twice
+    counted once, under its first name). The walk does not enter the RoCoFT layers: with many adapters their
+    per-adapter modules outnumber the model's own, and switching adapters walks the model every call."""
+    if isinstance(model, RoCoFTLinear):
+        return {"": model}
+    found: dict[str, RoCoFTLinear] = {}
+    seen = {id(model)}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            qualified = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, RoCoFTLinear):
+                found[qualified] = child
+            else:
+                visit(child, qualified)
+
+    visit(model, "")
+    return found
 
 
 def block_prefixes(model: nn.Module) -> list[str]:
@@ -199,9 +218,9 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(layers[0].adapters) if layers else []
 
 
-def named_adapters(model: nn.Module, name: Optional[str] = None) -> dict[str, RoCoFTDelta]:
-    """Adapter ``name``'s tensors in every RoCoFT layer by layer name (default: the active adapter). Raises with
-    the names there are when ``model`` has no RoCoFT layers or no adapter ``name``."""
+def layers_holding(model: nn.Module, name: Optional[str] = None) -> tuple[dict[str, RoCoFTLinear], str]:
+    """``model``'s RoCoFT layers (one walk of the model) and the adapter name asked for (default: the active one).
+    Raises with the names there are when ``model`` has no RoCoFT layers or no adapter ``name``."""
     layers = rocoft_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no RoCoFT adapters (apply_rocoft, load_adapter or add_adapter first)")
@@ -209,6 +228,13 @@ def named_adapters(model: nn.Module, name: Optional[str] = None) -> dict[str, Ro
     name = first.active_adapter if name is None else name
     if name not in first.adapters:
         raise ValueError(f"no RoCoFT adapter named {name!r}; the model has {list(first.adapters)}")
+    return layers, name
+
+
+def named_adapters(model: nn.Module, name: Optional[str] = None) -> dict[str, RoCoFTDelta]:
+    """Adapter ``name``'s tensors in every RoCoFT layer by layer name (default: the active adapter). Raises with
+    the names there are when ``model`` has no RoCoFT layers or no adapter ``name``."""
+    layers, name = layers_holding(model, name)
     return {n: layer.adapters[name] for n, layer in layers.items()}
 
 
@@ -523,6 +549,7 @@ __all__ = [
     "find_targets",
     "is_merged",
     "merge_rocoft",
+    "layers_holding",
     "named_adapters",
     "record_config",
     "rocoft_layers",

@@ -264,6 +264,11 @@ class Part:
         """``dense`` (out x in) plus the delta at its positions (out of place)."""
         raise NotImplementedError
 
+    def mixed_term(self, y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``term`` with one adapter per example (a mixed batch): ``y`` (batch, tokens, out), ``x`` (batch, tokens,
+        in), ``indices`` (batch, r) and ``values`` (batch, *delta shape) each example's own."""
+        raise NotImplementedError
+
     def select(self, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """A copy of the entries of ``weight`` this part updates."""
         raise NotImplementedError
@@ -311,6 +316,11 @@ class Rows(_Line):
         # In place: the base's backward does not need its output, and an out-of-place add copies it.
         return y.index_add_(-1, indices, F.linear(x, value).to(y.dtype))
 
+    def mixed_term(self, y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        # One batched product x_b @ D_b.T for all examples, scattered into each example's own rows.
+        rows = torch.bmm(x, values.transpose(1, 2)).to(y.dtype)
+        return y.scatter_add_(-1, indices.unsqueeze(1).expand(-1, y.shape[1], -1), rows)
+
 
 @dataclass(frozen=True)
 class Columns(_Line):
@@ -331,6 +341,11 @@ class Columns(_Line):
 
     def term(self, y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return y + F.linear(x.index_select(-1, indices), value).to(y.dtype)
+
+    def mixed_term(self, y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        # Each example's own input columns, then one batched product with its own (out x r) delta.
+        picked = x.gather(-1, indices.unsqueeze(1).expand(-1, x.shape[1], -1))
+        return y.add_(torch.bmm(picked, values.transpose(1, 2)).to(y.dtype))
 
 
 @dataclass(frozen=True)
@@ -535,6 +550,13 @@ class RoCoFTDelta(nn.Module):
         mode 'both', which stores the r x r overlap twice (r*in + r*out)."""
         return sum(d.numel() for d in self.deltas.values())
 
+    def set_trainable(self, train: bool) -> None:
+        """The deltas train or not. What ``requires_grad_`` does, without its walk over submodules (there are
+        none): switching adapters calls this for every adapter of every layer."""
+        for delta in self._parameters.values():
+            if delta is not None and delta.requires_grad != train:
+                delta.requires_grad_(train)
+
     def cpu_indices(self) -> dict[str, torch.Tensor]:
         """CPU copies of the index buffers by name (kept through meta-device materialisation)."""
         return {k: v.clone() for k, v in self._cpu_indices.items()}
@@ -605,12 +627,35 @@ class MixedBatch:
 
     size: int
     groups: tuple[tuple[str, torch.Tensor], ...]
+    # Per example, the position of its adapter in ``groups``; len(groups) for BASE_ADAPTER.
+    slots: torch.Tensor
 
     @classmethod
     def of(cls, names: Sequence[str]) -> "MixedBatch":
         order = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
         groups = tuple((n, torch.tensor([i for i, m in enumerate(names) if m == n], dtype=torch.long)) for n in order)
-        return cls(len(names), groups)
+        position = {n: i for i, n in enumerate(order)}
+        slots = torch.tensor([position.get(n, len(order)) for n in names], dtype=torch.long)
+        return cls(len(names), groups, slots)
+
+    def per_example(self, adapters: Sequence["RoCoFTDelta"]) -> Optional[list[tuple["Part", torch.Tensor, torch.Tensor]]]:
+        """(part, indices (batch, r), values (batch, *delta shape)) of each part, every example's own (zeros for
+        base examples), when ``adapters`` (those of ``groups``, in order) share a mode and, per part, a rank: then
+        one batched product per part serves every adapter. None otherwise."""
+        if len({a.mode for a in adapters}) != 1:
+            return None
+        terms = [a.terms() for a in adapters]
+        out = []
+        for j, part in enumerate(adapters[0].parts):
+            indices = [t[j][1] for t in terms]
+            if len({i.numel() for i in indices}) != 1:
+                return None
+            values = [t[j][2] for t in terms]
+            slots = self.slots.to(values[0].device)
+            stacked_indices = torch.stack([*indices, indices[0]]).index_select(0, slots)
+            stacked_values = torch.stack([*values, torch.zeros_like(values[0])]).index_select(0, slots)
+            out.append((part, stacked_indices, stacked_values))
+        return out
 
 
 class RoCoFTLinear(nn.Module):
@@ -649,6 +694,17 @@ class RoCoFTLinear(nn.Module):
         self.active_adapter = adapter_name
         self.disabled = False  # disable_adapter: the base's outputs
         self._merged: Optional[_Merged] = None
+
+    # The layer's switching state: plain Python values (a name, a flag, a merge record), never parameters, buffers
+    # or modules, so they are set without nn.Module.__setattr__'s registry checks: switching adapters sets them in
+    # every layer, and those checks cost as much as the tensor work of a merged swap.
+    _STATE = frozenset({"active_adapter", "disabled", "_merged", "mixed"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in RoCoFTLinear._STATE:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # -- the active adapter -------------------------------------------------------------------------------
     @property
@@ -795,9 +851,10 @@ class RoCoFTLinear(nn.Module):
         return adapter.layout.unfused(self, x, terms)
 
     def _mixed_forward(self, x: torch.Tensor, batch: MixedBatch) -> torch.Tensor:
-        """The base's output, plus for each adapter in ``batch`` its unfused terms on its own examples: one gather,
-        one product per part and one scatter per adapter, whatever the number of examples. Inference only: the
-        fused nodes (and their backward) stay the single-adapter path's."""
+        """The base's output plus each example's own adapter terms. Adapters of one mode and rank (per part): each
+        example's deltas and indices are gathered (r rows / columns each) and one batched product and one scatter
+        per part serve every adapter at once. Otherwise, per adapter, its examples are gathered, its terms added
+        and the rows put back. Inference only: the fused nodes (and their backward) stay the single-adapter path's."""
         if self.disabled or self._merged is not None:
             raise ValueError("mixed_adapters: this layer is merged or inside disable_adapter; its W0 holds no single base")
         if torch.is_grad_enabled():
@@ -808,7 +865,13 @@ class RoCoFTLinear(nn.Module):
                 f"(input of shape {tuple(x.shape)}); give one name per example"
             )
         y = self._base_forward(x)
-        for name, examples in batch.groups:
+        per_example = batch.per_example([self.adapters[name] for name, _ in batch.groups]) if batch.groups else []
+        if per_example is not None:
+            y3, x3 = y.reshape(x.shape[0], -1, y.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
+            for part, indices, values in per_example:
+                y3 = part.mixed_term(y3, x3, indices, values.to(x.dtype))
+            return y3.view(y.shape)
+        for name, examples in batch.groups:  # adapters of different modes or ranks: one product each
             at = examples.to(x.device)
             xs, ys = x.index_select(0, at), y.index_select(0, at)
             for part, indices, value in self.adapters[name].terms():
@@ -903,19 +966,23 @@ class RoCoFTLinear(nn.Module):
         if self._merged is None and is_quantized(self.base):
             return merge_quantized(self)
         if self._merged is None:
-            weight = self._logical_weight()
-            terms = self.adapter.terms()
-            saved = tuple(part.select(weight, indices) for part, indices, _ in terms)
-            # W0 + delta in the deltas' (master) precision, rounded once to W0's dtype. Mode 'both': each entry gets
-            # its one delta value (the overlap: + 0 from the columns).
-            for part, indices, value in terms:
-                part.add(weight, indices, value)
-            bias, master = self.base.bias, None
-            if bias is not None and bias.dtype != weight.dtype:
-                master = bias.detach().clone()
-                bias.data = bias.data.to(weight.dtype)
-            self._merged = _Merged(self.active_adapter, saved, master)
+            self._merge_into_w0()
         return self.base
+
+    def _merge_into_w0(self) -> None:
+        """``merge`` of a dense W0 (not merged yet), without the checks: ``swap_merged`` runs it per layer and switch."""
+        weight = self._logical_weight()
+        terms = self.adapter.terms()
+        saved = tuple(part.select(weight, indices) for part, indices, _ in terms)
+        # W0 + delta in the deltas' (master) precision, rounded once to W0's dtype. Mode 'both': each entry gets
+        # its one delta value (the overlap: + 0 from the columns).
+        for part, indices, value in terms:
+            part.add(weight, indices, value)
+        bias, master = self.base.bias, None
+        if bias is not None and bias.dtype != weight.dtype:
+            master = bias.detach().clone()
+            bias.data = bias.data.to(weight.dtype)
+        self._merged = _Merged(self.active_adapter, saved, master)
 
     @torch.no_grad()
     def unmerge(self) -> "RoCoFTLinear":
@@ -923,14 +990,19 @@ class RoCoFTLinear(nn.Module):
         if self._merged is not None and is_quantized(self.base):
             unmerge_quantized(self)
         if self._merged is not None:
-            record, weight = self._merged, self._logical_weight()
-            adapter = self.adapters[record.adapter]
-            for part, indices, saved in reversed(list(zip(adapter.parts, adapter.index_sets.values(), record.w0))):
-                part.restore(weight, indices, saved)
-            if record.bias is not None:
-                self.base.bias.data = record.bias.to(self.base.bias.device)
-            self._merged = None
+            self._restore_w0()
         return self
+
+    def _restore_w0(self) -> None:
+        """``unmerge`` of a dense W0 (merged), without the checks."""
+        record, weight = self._merged, self._logical_weight()
+        assert record is not None
+        adapter = self.adapters[record.adapter]
+        for part, indices, saved in reversed(list(zip(adapter.parts, adapter.index_sets.values(), record.w0))):
+            part.restore(weight, indices, saved)
+        if record.bias is not None:
+            self.base.bias.data = record.bias.to(self.base.bias.device)
+        self._merged = None
 
     @torch.no_grad()
     def swap_merged(self, name: str) -> nn.Module:
@@ -941,10 +1013,14 @@ class RoCoFTLinear(nn.Module):
             raise ValueError("swap_merged: no adapter is merged into this layer (merge first)")
         if name not in self.adapters:
             raise ValueError(f"swap_merged: no adapter named {name!r}; the layer has {list(self.adapters)}")
-        if self._merged.adapter != name:
+        if self._merged.adapter != name and is_quantized(self.base):
             self.unmerge()
             self.active_adapter = name
             self.merge()
+        elif self._merged.adapter != name:
+            self._restore_w0()
+            self.active_adapter = name
+            self._merge_into_w0()
         return self.base
 
     def extra_repr(self) -> str:

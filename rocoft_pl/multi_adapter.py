@@ -34,6 +34,7 @@ from .inject import (
     attach_adapter,
     disabled,
     is_merged,
+    layers_holding,
     named_adapters,
     rocoft_layers,
     unload_rocoft,
@@ -79,13 +80,13 @@ def active_adapter(model: nn.Module) -> str:
 def set_adapter(model: nn.Module, name: str) -> None:
     """Compute with adapter ``name`` from now on; its deltas train, the other adapters' are frozen. Refused on a
     merged model (its weights hold the active adapter: ``unmerge_rocoft`` first)."""
-    named_adapters(model, name)  # no adapters, or none of that name: raises with the names there are
-    if name != active_adapter(model) and is_merged(model):
+    layers, _ = layers_holding(model, name)  # no adapters, or none of that name: raises with the names there are
+    active = next(iter(layers.values())).active_adapter
+    if name != active and any(layer.merged for layer in layers.values()):
         raise ValueError(
-            f"set_adapter: adapter {active_adapter(model)!r} is merged into the weights; unmerge_rocoft(model) "
-            f"before switching to {name!r}"
+            f"set_adapter: adapter {active!r} is merged into the weights; unmerge_rocoft(model) before switching to {name!r}"
         )
-    _activate(rocoft_layers(model), name)
+    _activate(layers, name)
 
 
 def _activate(layers: Mapping[str, RoCoFTLinear], name: str) -> None:
@@ -93,7 +94,7 @@ def _activate(layers: Mapping[str, RoCoFTLinear], name: str) -> None:
     for layer in layers.values():
         layer.active_adapter = name
         for other, adapter in layer.adapters.items():
-            adapter.requires_grad_(other == name)
+            adapter.set_trainable(other == name)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -179,8 +180,7 @@ def swap_merged_adapter(model: nn.Module, name: str) -> nn.Module:
     restores W0 bit-exactly. ``name`` becomes the active adapter. Swapping to the merged adapter changes nothing.
     Refused, the model unchanged: nothing merged, an unknown name, re-selected layers, or a quantized W0 that
     cannot take ``name``'s deltas exactly (see ``merge_rocoft``). Returns ``model``."""
-    named_adapters(model, name)  # no adapters, or none of that name: raises with the names there are
-    layers = rocoft_layers(model)
+    layers, _ = layers_holding(model, name)  # no adapters, or none of that name: raises with the names there are
     _check_swappable(layers)
     if all(layer._merged.adapter == name for layer in layers.values()):  # type: ignore[union-attr]
         return model
@@ -196,8 +196,9 @@ def mixed_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module
     """``with mixed_adapters(model, names):`` each example of the next batches computes with its own adapter:
     ``names`` holds one adapter name per example (``"__base__"``: the base model, as ``disable_adapter``). What
     PEFT's ``model(**batch, adapter_names=...)`` does, for any model's forward. Nothing is merged or copied:
-    every RoCoFT layer adds to the base's output, per adapter, that adapter's row / column terms on its examples
-    (one product per adapter, not per example). Inference only (under ``torch.no_grad()`` /
+    every RoCoFT layer adds to the base's output each example's own row / column terms: when the adapters in the
+    batch share a mode and rank, one batched product per layer for all of them (each example's r rows / columns
+    gathered); otherwise one product per adapter on its examples. Inference only (under ``torch.no_grad()`` /
     ``torch.inference_mode()``; the fused training path is untouched). Refused: unknown names, adapters of mode
     'entries', a merged model, inside ``disable_adapter`` or another ``mixed_adapters``; a forward whose batch
     size differs from ``len(names)`` raises. Afterwards, also after an exception, each layer is as it was."""

@@ -20,6 +20,7 @@ from rocoft_pl import (
     swap_merged_adapter,
     unmerge_rocoft,
 )
+from rocoft_pl.layers import MixedBatch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from tiny_causal_lm import tiny_gpt2, tiny_llama  # noqa: E402
@@ -229,6 +230,23 @@ def test_a_mixed_batch_equals_each_example_run_with_its_own_adapter(kind, second
     with disable_adapter(model):
         base = out(model)
     assert not torch.allclose(got[1], base[1]) and torch.allclose(got[2], base[2], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["row", "column", "both"])
+@pytest.mark.parametrize("model_kind", ["bert", "llama", "gpt2"])
+def test_adapters_of_one_mode_and_rank_share_one_batched_product_equal_to_each_example_alone(model_kind, mode):
+    same = [RoCoFTConfig(mode=mode, rank=2, selection="random", seed=s, modules_to_save=[]) for s in (1, 2, 3)]
+    model = build(model_kind, (("a", same[0]), ("b", same[1]), ("c", same[2])))
+    names = ["c", "a", "__base__", "b"]
+    batch = MixedBatch.of(names)
+    layer = next(iter(rocoft_layers(model).values()))
+    assert batch.per_example([layer.adapters[n] for n, _ in batch.groups]) is not None  # the batched path
+    expected = per_example(model, names)
+    with mixed_adapters(model, names):
+        got = out(model)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    with disable_adapter(model):
+        assert torch.equal(out(model)[2], got[2])  # a base example: + 0 from the zero delta, exactly
 
 
 def test_a_mixed_batch_on_gpt2_conv1d_layers_equals_each_example_run_alone():

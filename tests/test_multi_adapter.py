@@ -312,6 +312,55 @@ def test_adapters_of_another_base_or_that_train_biases_or_heads_are_not_added(tm
         add_adapter(with_head, "b", B)
 
 
+def _trained(config, tmp_path, name):
+    """A saved adapter of ``config`` whose trained biases / head moved away from the base's (what training does)."""
+    source = tiny_bert()
+    apply_rocoft(source, config)
+    with torch.no_grad():
+        for p in source.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    save_adapter(source, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("what", ["biases", "head", "both"])
+def test_per_adapter_biases_or_heads_are_refused_by_name_and_never_change_the_other_adapters(tmp_path, what):
+    """One bias or head serves every adapter of a base (PEFT keeps a copy per adapter; RoCoFT does not): an adapter
+    that trains them is not added, nor loaded over one of several adapters (its base weights would change the
+    others' outputs), and a model whose adapter trains them takes no second adapter. Nothing changes."""
+    config = RoCoFTConfig(rank=2, selection="random", seed=3, train_bias=what != "head",
+                          modules_to_save=None if what != "biases" else [])
+    saved = _trained(config, tmp_path, "trained")
+    model = tiny_bert()
+    apply_rocoft(model, A, adapter_name="a")
+    add_adapter(model, "b", B)
+    perturb(model, 1, "a")
+    perturb(model, 2, "b")
+    before, outputs = snapshot(model), out(model, "bert")
+    with pytest.raises(ValueError, match="trains biases or heads"):
+        add_adapter(model, "c", saved)
+    with pytest.raises(ValueError, match=r"loading it over adapter 'b' would change those weights of the base for the model's other adapters \['a'\]"):
+        load_adapter(model, saved, adapter_name="b")
+    with pytest.raises(ValueError, match="over adapter 'a'"):
+        load_adapter(model, saved)  # the active adapter, by default
+    with pytest.raises(ValueError, match="trains biases or heads|trains the heads"):
+        add_adapter(model, "c", config)
+    assert_unchanged(model, before)
+    assert torch.equal(out(model, "bert"), outputs)
+    set_adapter(model, "b")
+    assert not torch.equal(out(model, "bert"), outputs)  # b is still b
+    # a model whose one adapter trains them takes no second one, named by the weight it trains
+    lone = tiny_bert()
+    load_adapter(lone, saved)
+    lone_before = snapshot(lone)
+    shared = "base.bias" if what != "head" else "classifier"
+    with pytest.raises(ValueError, match=rf"the model's adapter \['default'\] trains '[^']*{shared}'"):
+        add_adapter(lone, "b", B)
+    assert_unchanged(lone, lone_before)
+    load_adapter(lone, saved)  # a one-adapter model still reloads its own adapter, biases and head included
+
+
 def test_a_single_adapter_model_is_adapter_default_and_works_as_before(tmp_path):
     model = tiny_bert()
     apply_rocoft(model, RoCoFTConfig(rank=2))
