@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                      "compare two saved RoCoFT adapters (same indices, how close the deltas are)"),
     "adapters": ("benchmark.adapters_bench",
                  "adapter swap time (merged, unmerged, reload, PEFT hot swap) and mixed-batch throughput vs PEFT LoRA"),
+    "peak-rss": ("benchmark.peak_rss",
+                 "CPU peak RSS of RoCoFT training per W0 storage (fp32, bf16, int8, NF4), one process each"),
     "collect": ("benchmark.cluster_cli", "rebuild a grid's results.jsonl from its cell record files (cluster launchers)"),
     "status": ("benchmark.cluster_cli", "pending / running / done / failed per cell of a grid run by a cluster launcher"),
 }
