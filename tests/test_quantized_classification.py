@@ -125,7 +125,7 @@ def test_quantized_minilm_grid_cells_methods_and_overrides(monkeypatch):
         assert data["max_eval_samples"] == 1000 and data["max_length"] == 48 and data["batch_size"] == 16
         trainer_config = config["trainer"]
         assert trainer_config["limit_train_batches"] == 80 and trainer_config["enable_checkpointing"] is False
-        assert trainer_config["logger"] is False
+        assert trainer_config["logger"] is False and trainer_config["check_val_every_n_epoch"] > trainer_config["max_epochs"] == 1
         # the cell's seed (seed_everything): the head's and LoRA's init, dropout, the batch order (the train loader
         # shuffles with the global RNG); the DataModule's seed stays, so every cell scores the same validation sample
         assert config["seed_everything"] == cell.seed and "seed" not in data
