@@ -3,6 +3,7 @@ blocks' Linears become bitsandbytes Linear4bit, the head stays plain and trains;
 validation before and after; bad settings are refused in the constructor; and the MiniLM grid
 configs/bench/quantized_minilm.yaml parses and validates."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: pip install -e '.[quant]'")
 
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+
 import lightning.pytorch as pl  # noqa: E402
+from quantized_grid_checks import check_quantized_cell  # noqa: E402
 
 from rocoft_pl import RoCoFT, rocoft_layers  # noqa: E402
 from rocoft_pl.modules.classification import SequenceClassificationModule  # noqa: E402
@@ -102,6 +106,35 @@ def test_bad_quantization_settings_are_refused_before_loading():
         SequenceClassificationModule("nowhere", quantization_options={"compute_dtype": "float32"})
 
 
+@pytest.mark.parametrize("kind", ["qa", "seq2seq"])
+def test_question_answering_and_seq2seq_modules_take_the_same_quantization(kind):
+    """The same loading path (``load_model``): the blocks' Linears become Linear4bit, the head stays plain, a RoCoFT
+    step through the 4-bit layers reaches the deltas; bad settings are refused before loading."""
+    from rocoft_pl import RoCoFTConfig, apply_rocoft
+    from rocoft_pl.modules.question_answering import QuestionAnsweringModule
+    from rocoft_pl.modules.seq2seq import Seq2SeqModule
+
+    cls, path, head = {"qa": (QuestionAnsweringModule, "squad/tiny_deberta", "qa_outputs"),
+                       "seq2seq": (Seq2SeqModule, "summarization/tiny_bart", "lm_head")}[kind]
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        cls("nowhere", quantization="int3")
+    model = cls(str(ROOT / "tests" / "fixtures" / path), quantization="nf4").model
+    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
+    assert quantized and all(".layer" in n for n in quantized)  # encoder (and decoder) blocks only
+    assert type(model.get_submodule(head)) is torch.nn.Linear
+    apply_rocoft(model, RoCoFTConfig(mode="row", rank=1))
+    ids = torch.randint(3, model.config.vocab_size, (2, 8))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if kind == "seq2seq":
+        inputs["labels"] = ids
+        loss = model(**inputs).loss
+    else:
+        loss = model(**inputs).start_logits.sum()
+    loss.backward()
+    deltas = [layer for layer in rocoft_layers(model).values() if is_quantized(layer.base)]
+    assert deltas and all(p.grad is not None for layer in deltas for p in layer.parameters() if p.requires_grad)
+
+
 NF4 = {"rocoft-row-r3-nf4", "qlora-r8", "rocoft-row-r16-nf4"}
 RATES = {"rocoft-row-r3": 1e-2, "rocoft-row-r3-nf4": 1e-2, "qlora-r8": 2e-3, "lora-r8": 2e-3,
          "rocoft-row-r16": 5e-3, "rocoft-row-r16-nf4": 5e-3}
@@ -129,13 +162,6 @@ def test_quantized_minilm_grid_cells_methods_and_overrides(monkeypatch):
         # the cell's seed (seed_everything): the head's and LoRA's init, dropout, the batch order (the train loader
         # shuffles with the global RNG); the DataModule's seed stays, so every cell scores the same validation sample
         assert config["seed_everything"] == cell.seed and "seed" not in data
-        if key in NF4:
-            assert init["quantization"] == "nf4" and init["quantization_options"] == {"compute_dtype": "float32"}
-        else:
-            assert "quantization" not in init
-        if cell.method == "lora":
-            assert cell.method_params == {"r": 8, "alpha": 16}
-        else:
-            assert cell.method == "rocoft-row" and cell.method_params == {"rank": 16 if "r16" in key else 3}
+        check_quantized_cell(cell, key, NF4)
     assert seeds == {k: [1, 2, 3] for k in RATES}
     validate_grid(grid)  # every config parses with the cell's LightningCLI parser; method params build

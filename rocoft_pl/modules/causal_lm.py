@@ -27,7 +27,7 @@ from torch import nn
 from ..extras import require_extra
 from .classification import resolve_pretrained
 from .optim import check_scheduler, configure_adamw
-from .quantization import check_quantization, load_quantized
+from .quantization import check_quantization, load_model
 
 # -- answer extraction -----------------------------------------------------------------------------------
 _CHOICE = re.compile(r"\b(answer|solution|ending|option)\s*([1-9])\b", re.IGNORECASE)
@@ -128,10 +128,10 @@ def load_quantized_causal_lm(
     name_or_path: str, gguf_file: Optional[str], quantization: str, options: Optional[dict[str, Any]] = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """The model with the Linear layers of its blocks quantized (``load_quantized``): a checkpoint through
+    """The model with the Linear layers of its blocks quantized (``load_model``): a checkpoint through
     transformers' BitsAndBytesConfig; a GGUF file (dequantised on load) or a torchao kind after loading."""
     load = functools.partial(load_causal_lm, name_or_path, gguf_file)
-    return load_quantized(load, quantization, options, in_memory=gguf_file is not None, **kwargs)
+    return load_model(load, quantization, options, in_memory=gguf_file is not None, **kwargs)
 
 
 def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None) -> Any:

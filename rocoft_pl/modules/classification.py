@@ -23,7 +23,7 @@ from torch import nn
 
 from ..extras import require_extra
 from .optim import check_scheduler, configure_adamw
-from .quantization import check_quantization, load_quantized
+from .quantization import check_quantization, load_model
 
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
 PACKAGE_PREFIX = "pkg:"
@@ -151,8 +151,8 @@ class SequenceClassificationModule(pl.LightningModule):
         load = functools.partial(
             AutoModelForSequenceClassification.from_pretrained, resolve_pretrained(model_name_or_path), num_labels=num_labels
         )
-        model = load(**kwargs) if quantization is None else load_quantized(load, quantization, quantization_options, in_memory=True, **kwargs)
-        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
+        # from_pretrained returns eval mode; Lightning keeps module modes as they are
+        self.model = load_model(load, quantization, quantization_options, in_memory=True, **kwargs).train()
         if self.model.config.pad_token_id is None and getattr(self.model.config, "eos_token_id", None) is not None:
             self.model.config.pad_token_id = self.model.config.eos_token_id  # decoder-only classifiers (Llama, GPT-2)
         self.num_labels = num_labels

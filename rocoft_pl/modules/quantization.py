@@ -34,17 +34,19 @@ def check_quantization(quantization: Optional[str], options: Optional[dict[str, 
         )
 
 
-def load_quantized(
-    load: Callable[..., nn.Module], quantization: str, options: Optional[dict[str, Any]] = None,
+def load_model(
+    load: Callable[..., nn.Module], quantization: Optional[str] = None, options: Optional[dict[str, Any]] = None,
     in_memory: bool = False, **kwargs: Any,
 ) -> nn.Module:
-    """``load(**kwargs)`` with the Linear layers of its blocks quantized.
+    """``load(**kwargs)``; with ``quantization``, the Linear layers of its blocks quantized.
 
     A bitsandbytes kind loads through transformers' BitsAndBytesConfig, onto this process's GPU (else the CPU), so
     the full-precision weights never sit in memory together; a torchao kind, or ``in_memory``, quantizes after
     loading (``quantize_in_memory``: only the blocks' Linears, whatever the model's head is called)."""
     from ..quantized import BNB_KINDS, hf_quantization_config, keep_trainable_layout, quantize_in_memory, quantized_device_map
 
+    if quantization is None:
+        return load(**kwargs)
     options = dict(options or {})
     if quantization in BNB_KINDS and not in_memory:
         options.pop("group_size", None)
@@ -56,4 +58,4 @@ def load_quantized(
     return model
 
 
-__all__ = ["QUANTIZATION_OPTIONS", "check_quantization", "load_quantized"]
+__all__ = ["QUANTIZATION_OPTIONS", "check_quantization", "load_model"]
