@@ -20,6 +20,7 @@ import yaml  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import tiny_causal_lm as tl  # noqa: E402
+from quantized_grid_checks import check_quantized_cell  # noqa: E402
 from benchmark.grid import load_grid  # noqa: E402
 from benchmark.methods import counts_of, method_callback  # noqa: E402
 from rocoft_pl import rocoft_layers  # noqa: E402
@@ -62,14 +63,8 @@ def test_quantized_grid_cells_methods_and_overrides(grid):
         assert trainer["callbacks"] == [] and trainer["enable_checkpointing"] is False and trainer["logger"] is False
         assert trainer["check_val_every_n_epoch"] > trainer["max_epochs"] == 1
         assert cell.primary_metrics == ["val/accuracy"]
-        if key in NF4:
-            assert init["quantization"] == "nf4" and init["quantization_options"] == {"compute_dtype": "float32"}
-        else:
-            assert "quantization" not in init
-        if cell.method == "lora":
-            assert cell.method_params == {"r": 8, "alpha": 16}
-        else:
-            assert cell.method == "rocoft-row" and cell.method_params == {"rank": 16 if "r16" in key else 3}
+        check_quantized_cell(cell, key, NF4)
+        if cell.method != "lora":
             assert init["learning_rate"] == ROCOFT_RATES[key]
     rates = {k: c.config["model"]["init_args"]["learning_rate"] for k, c in by_key(grid).items() if c.method == "lora"}
     assert rates == {"qlora-r8": 2e-3, "lora-r8": 2e-3, "qlora-r8-lr1e-3": 1e-3, "qlora-r8-lr5e-3": 5e-3}

@@ -16,6 +16,7 @@ paper's Table 2 uses ("generate" in the results store), not lm-eval's log-likeli
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Literal, Optional, Union
 
@@ -26,6 +27,7 @@ from torch import nn
 from ..extras import require_extra
 from .classification import resolve_pretrained
 from .optim import check_scheduler, configure_adamw
+from .quantization import check_quantization, load_model
 
 # -- answer extraction -----------------------------------------------------------------------------------
 _CHOICE = re.compile(r"\b(answer|solution|ending|option)\s*([1-9])\b", re.IGNORECASE)
@@ -122,43 +124,14 @@ def load_causal_lm(name_or_path: str, gguf_file: Optional[str] = None, **kwargs:
     return model
 
 
-QUANTIZATION_OPTIONS = ("compute_dtype", "quant_storage", "skip_modules", "group_size")
-
-
-def check_quantization(quantization: Optional[str], options: Optional[dict[str, Any]], init_on_meta: bool) -> None:
-    """Refuse a bad quantization setting in the constructor, before anything loads."""
-    if quantization is None:
-        if options:
-            raise ValueError("quantization_options given without quantization")
-        return
-    from ..quantized import check_kind
-
-    check_kind(quantization)
-    unknown = sorted(set(options or {}) - set(QUANTIZATION_OPTIONS))
-    if unknown:
-        raise ValueError(f"quantization_options: unknown keys {unknown} (known: {list(QUANTIZATION_OPTIONS)})")
-    if init_on_meta:
-        raise ValueError(
-            "quantization loads the checkpoint quantized in __init__ on every process; init_on_meta (rank 0 "
-            "reads full-precision weights and broadcasts them) does not go with it: set init_on_meta: false"
-        )
-
-
 def load_quantized_causal_lm(
     name_or_path: str, gguf_file: Optional[str], quantization: str, options: Optional[dict[str, Any]] = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """The model with the Linear layers of its blocks quantized (``rocoft_pl.quantized``): a checkpoint through
-    transformers' BitsAndBytesConfig, onto this process's GPU (else the CPU), so the full-precision weights never
-    sit in memory together; a GGUF file or a torchao kind after loading (``quantize_in_memory``)."""
-    from ..quantized import BNB_KINDS, hf_quantization_config, quantize_in_memory, quantized_device_map
-
-    options = dict(options or {})
-    if quantization in BNB_KINDS and gguf_file is None:
-        options.pop("group_size", None)
-        kwargs.setdefault("device_map", quantized_device_map())
-        return load_causal_lm(name_or_path, None, quantization_config=hf_quantization_config(quantization, **options), **kwargs)
-    return quantize_in_memory(load_causal_lm(name_or_path, gguf_file, **kwargs), quantization, **options)
+    """The model with the Linear layers of its blocks quantized (``load_model``): a checkpoint through
+    transformers' BitsAndBytesConfig; a GGUF file (dequantised on load) or a torchao kind after loading."""
+    load = functools.partial(load_causal_lm, name_or_path, gguf_file)
+    return load_model(load, quantization, options, in_memory=gguf_file is not None, **kwargs)
 
 
 def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None) -> Any:

@@ -11,6 +11,7 @@ regression ``pearson`` / ``spearman``. Values are fractions (multiply by 100 for
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..extras import require_extra
 from .optim import check_scheduler, configure_adamw
+from .quantization import check_quantization, load_model
 
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
 PACKAGE_PREFIX = "pkg:"
@@ -95,6 +97,13 @@ class SequenceClassificationModule(pl.LightningModule):
             else ``val``.
         id2label: label names stored in the model config; None: the datamodule's ``id2label`` when it has one.
         model_kwargs: more ``from_pretrained`` keyword arguments (e.g. ``torch_dtype``, ``attn_implementation``).
+        quantization: load W0 quantized, frozen, as ``CausalLMModule`` does ('nf4', 'nf4-dq', 'fp4', 'fp4-dq',
+            'int8', 'torchao-int8', 'torchao-int4'; ``rocoft_pl.quantized``). Only the Linears of the encoder's
+            blocks are quantized, after loading (``quantize_in_memory``): transformers' BitsAndBytesConfig would
+            quantize the classification head too (it keeps only a last layer without bias), and the head trains.
+            Embeddings, pooler and head stay in ``model_kwargs``' dtype.
+        quantization_options: ``compute_dtype`` (4-bit kernels; default float32), ``quant_storage``,
+            ``skip_modules`` (names kept unquantized), ``group_size`` (torchao-int4).
 
     Gradient accumulation, clipping, precision and step budgets are Trainer settings.
     """
@@ -117,9 +126,12 @@ class SequenceClassificationModule(pl.LightningModule):
         val_names: Optional[list[str]] = None,
         id2label: Optional[dict[int, str]] = None,
         model_kwargs: Optional[dict[str, Any]] = None,
+        quantization: Optional[str] = None,
+        quantization_options: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         check_scheduler(scheduler)
+        check_quantization(quantization, quantization_options)
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         for name in metrics or []:
@@ -136,9 +148,11 @@ class SequenceClassificationModule(pl.LightningModule):
         if id2label is not None:
             kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
             kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_pretrained(model_name_or_path), num_labels=num_labels, **kwargs
-        ).train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
+        load = functools.partial(
+            AutoModelForSequenceClassification.from_pretrained, resolve_pretrained(model_name_or_path), num_labels=num_labels
+        )
+        # from_pretrained returns eval mode; Lightning keeps module modes as they are
+        self.model = load_model(load, quantization, quantization_options, in_memory=True, **kwargs).train()
         if self.model.config.pad_token_id is None and getattr(self.model.config, "eos_token_id", None) is not None:
             self.model.config.pad_token_id = self.model.config.eos_token_id  # decoder-only classifiers (Llama, GPT-2)
         self.num_labels = num_labels

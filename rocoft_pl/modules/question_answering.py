@@ -32,6 +32,7 @@ each token in the context, ``-1`` for tokens outside the context); training batc
 
 from __future__ import annotations
 
+import functools
 import collections
 import math
 import re
@@ -44,6 +45,7 @@ from torch import nn
 
 from .classification import resolve_pretrained
 from .optim import check_scheduler, configure_adamw
+from .quantization import check_quantization, load_model
 
 _NOT_MODEL_INPUTS = ("example_idx", "offset_mapping", "start_positions", "end_positions")
 
@@ -299,6 +301,8 @@ class QuestionAnsweringModule(pl.LightningModule):
         save_predictions: write ``<log_dir>/predictions_<stage>.json`` (``{id: answer}``, the official scripts'
             input) after each evaluation, and for v2 ``null_odds_<stage>.json`` (their ``--na-prob-file``).
         model_kwargs: more ``from_pretrained`` keyword arguments.
+        quantization, quantization_options: load W0 quantized, frozen, as ``SequenceClassificationModule`` does
+            (only the Linears of the transformer blocks, after loading; embeddings and the head stay as loaded).
     """
 
     def __init__(
@@ -319,9 +323,12 @@ class QuestionAnsweringModule(pl.LightningModule):
         null_score_diff_threshold: float = 0.0,
         save_predictions: bool = False,
         model_kwargs: Optional[dict[str, Any]] = None,
+        quantization: Optional[str] = None,
+        quantization_options: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         check_scheduler(scheduler)
+        check_quantization(quantization, quantization_options)
         if n_best_size < 1 or max_answer_length < 1:
             raise ValueError(f"n_best_size and max_answer_length must be >= 1, got {n_best_size}, {max_answer_length}")
         self.save_hyperparameters()
@@ -330,7 +337,8 @@ class QuestionAnsweringModule(pl.LightningModule):
         kwargs = dict(model_kwargs or {})
         if hidden_dropout is not None:
             kwargs["hidden_dropout_prob"] = hidden_dropout
-        self.model = AutoModelForQuestionAnswering.from_pretrained(resolve_pretrained(model_name_or_path), **kwargs).train()
+        load = functools.partial(AutoModelForQuestionAnswering.from_pretrained, resolve_pretrained(model_name_or_path))
+        self.model = load_model(load, quantization, quantization_options, in_memory=True, **kwargs).train()
         self._reset_eval()
 
     def _reset_eval(self) -> None:

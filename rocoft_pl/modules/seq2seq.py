@@ -25,6 +25,7 @@ The datamodule contract (``tasks.summarization.SummarizationDataModule``): batch
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from typing import Any, Literal, Optional, Sequence, Union
@@ -36,6 +37,7 @@ from torch import nn
 from ..extras import require_extra
 from .classification import resolve_pretrained
 from .optim import check_scheduler, configure_adamw
+from .quantization import check_quantization, load_model
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -81,6 +83,8 @@ class Seq2SeqModule(pl.LightningModule):
         save_predictions: write ``<log_dir>/predictions_<stage>.jsonl`` (``idx``, ``prediction``, ``reference``)
             after each evaluation.
         model_kwargs: more ``from_pretrained`` keyword arguments.
+        quantization, quantization_options: load W0 quantized, frozen, as ``SequenceClassificationModule`` does
+            (only the Linears of the transformer blocks, after loading; embeddings and the head stay as loaded).
     """
 
     def __init__(
@@ -105,9 +109,12 @@ class Seq2SeqModule(pl.LightningModule):
         use_stemmer: bool = True,
         save_predictions: bool = False,
         model_kwargs: Optional[dict[str, Any]] = None,
+        quantization: Optional[str] = None,
+        quantization_options: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         check_scheduler(scheduler)
+        check_quantization(quantization, quantization_options)
         unknown = set(rouge_keys) - set(ROUGE_KEYS)
         if unknown:
             raise ValueError(f"unknown rouge_keys {sorted(unknown)}; choose from {ROUGE_KEYS}")
@@ -123,7 +130,8 @@ class Seq2SeqModule(pl.LightningModule):
             for attr in ("dropout", "dropout_rate"):
                 if hasattr(config, attr):
                     kwargs[attr] = dropout
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs).train()
+        load = functools.partial(AutoModelForSeq2SeqLM.from_pretrained, path)
+        self.model = load_model(load, quantization, quantization_options, in_memory=True, **kwargs).train()
         self._tok: Any = None
         self._reset_eval()
         self._epoch_start: Optional[float] = None
