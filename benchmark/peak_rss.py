@@ -130,13 +130,14 @@ def main(args: argparse.Namespace) -> int:
           f"{args.steps} AdamW steps, {rows[0]['threads']} threads\n")
     print(format_table(rows))
     if args.output_dir:
+        from rocoft_pl.extras import require_extra
+
         from .results import write_text_atomically
 
+        pd = require_extra("pandas", "bench")
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        header = list(rows[0])
-        csv = "\n".join([",".join(header), *(",".join(str(r[k]) for k in header) for r in rows)]) + "\n"
-        write_text_atomically(out / "peak_rss.csv", csv)
+        write_text_atomically(out / "peak_rss.csv", pd.DataFrame(rows).to_csv(index=False))  # quoted as CSV needs
         write_text_atomically(out / "peak_rss.json", json.dumps(rows, indent=2) + "\n")
         print(f"\nwrote {out / 'peak_rss.csv'} and peak_rss.json")
     return 0
